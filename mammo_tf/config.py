@@ -1,0 +1,109 @@
+"""Explicit configuration: one YAML file per setting, saved beside every output it produced."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from dataclasses import asdict, fields, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mammo_tf.io import atomic_write_text
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed or names an unknown key."""
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a YAML (or JSON) configuration file into a dict, with a clear error when malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    cfg.setdefault("name", path.stem)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write a config (dict or dataclass) as YAML, atomically."""
+    data = asdict(cfg) if is_dataclass(cfg) else cfg
+    return atomic_write_text(path, yaml.safe_dump(_plain(data), sort_keys=False))
+
+
+def from_dict(cls: type[T], data: dict | None) -> T:
+    """Build dataclass `cls` from a dict, rejecting unknown keys (typos must not pass silently)."""
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown keys {unknown} (known: {sorted(known)})")
+    return cls(**data)
+
+
+def merge(base: dict, override: dict | None) -> dict:
+    """Deep-merge `override` into a copy of `base`."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def provenance(command: str | None = None) -> dict:
+    """Who ran what where: command, date, hardware, library versions (stored with every result)."""
+    import tensorflow as tf
+
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    try:
+        import keras
+
+        keras_version = keras.__version__
+    except Exception:  # pragma: no cover
+        keras_version = "?"
+    return {
+        "command": command,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "hardware": {
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "gpus": gpus or "none",
+            "platform": platform.platform(),
+        },
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras_version},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
