@@ -1,0 +1,120 @@
+"""Shared training machinery: seeds, distribution strategy, precision, resumable callbacks."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import pandas as pd
+import tensorflow as tf
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained (saved beside the model as part of its config)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    early_stopping_patience: int = 8
+    strategy: str = "default"          # default | mirrored | multi_worker (reads $TF_CONFIG)
+    mixed_precision: str = "auto"      # auto: mixed_float16 when a GPU is present, else float32
+    seed: int = 0
+    tensorboard: bool = True
+
+
+def set_seeds(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow (keras.utils.set_random_seed)."""
+    keras.utils.set_random_seed(seed)
+
+
+def make_strategy(name: str = "default") -> tf.distribute.Strategy:
+    """The tf.distribute strategy named in the config."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        # All GPUs of this machine; on a CPU-only machine, all logical CPU devices.
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("strategy 'multi_worker' needs $TF_CONFIG (cluster and task) to be set")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown strategy {name!r} (expected one of {STRATEGIES})")
+
+
+def set_precision(mode: str = "auto") -> str:
+    """Set the global Keras dtype policy; 'auto' uses mixed_float16 only when a GPU is present."""
+    if mode == "auto":
+        mode = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    keras.mixed_precision.set_global_policy(mode)
+    return mode
+
+
+def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
+    """The optimizer named in the config."""
+    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW}
+    if cfg.optimizer not in optimizers:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected one of {sorted(optimizers)})")
+    kwargs = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
+    return optimizers[cfg.optimizer](learning_rate=cfg.learning_rate, **kwargs)
+
+
+def callbacks(out_dir: str | Path, cfg: TrainConfig, monitor: str = "val_loss", mode: str = "min") -> list:
+    """Resumable training: backup for resume after a kill, best checkpoint, early stop, CSV/TensorBoard logs."""
+    out = Path(out_dir)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    cbs = [
+        # Restores model, optimizer and epoch counter when a killed run is started again.
+        keras.callbacks.BackupAndRestore(str(out / "checkpoints" / "backup"), delete_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "best.weights.h5"), monitor=monitor, mode=mode,
+                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience,
+                                      restore_best_weights=True),
+        # append=True keeps the rows of the epochs done before a resume.
+        keras.callbacks.CSVLogger(str(out / "training_log.csv"), append=True),
+    ]
+    if cfg.tensorboard:
+        cbs.append(keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0))
+    return cbs
+
+
+def fit(
+    build: Callable[[], keras.Model],
+    compile_kwargs: Callable[[], dict],
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset | None,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    monitor: str = "val_loss",
+    mode: str = "min",
+    class_weight: dict[int, float] | None = None,
+    verbose: int | str = "auto",
+) -> tuple[keras.Model, pd.DataFrame]:
+    """Build and compile under the configured strategy, train with resumable callbacks, return model and history."""
+    set_seeds(cfg.seed)
+    strategy = make_strategy(cfg.strategy)
+    with strategy.scope():
+        model = build()
+        model.compile(optimizer=make_optimizer(cfg), **compile_kwargs())
+    out = Path(out_dir)
+    model.fit(
+        train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=class_weight,
+        callbacks=callbacks(out, cfg, monitor if val_ds is not None else monitor.removeprefix("val_"), mode),
+        verbose=verbose,
+    )
+    history = pd.read_csv(out / "training_log.csv") if (out / "training_log.csv").is_file() else pd.DataFrame()
+    return model, history
+
+
+def config_dict(*configs: Any) -> dict:
+    """Merge dataclass configs into one JSON-able dict, keyed by class name."""
+    return {type(c).__name__: json.loads(json.dumps(asdict(c), default=str)) for c in configs}
