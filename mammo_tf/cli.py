@@ -48,6 +48,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Build models/REPORT.md and the README's results table from the metrics files."""
+    from mammo_tf import report
+
+    if args.check:
+        text = Path(args.readme).read_text()
+        if report.readme_block(args.models) not in text:
+            print(f"{args.readme}: results block differs from {args.models}/*/metrics.json; run `mammo-tf report`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    path = report.write_report(args.models)
+    changed = report.update_readme(args.readme, args.models)
+    print(f"wrote {path}; README {'updated' if changed else 'unchanged'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="mammo-tf", description=__doc__)
@@ -64,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="outputs go to OUT/<config name>/")
     p.add_argument("--steps", nargs="*", default=None, help="run only these steps")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help=cmd_report.__doc__)
+    p.add_argument("--models", default="models")
+    p.add_argument("--readme", default="README.md")
+    p.add_argument("--check", action="store_true", help="only check that the README matches the files")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

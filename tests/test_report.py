@@ -1,0 +1,40 @@
+"""Generated results: the README's table is exactly what the committed metrics files say."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mammo_tf import report
+from mammo_tf.io import save_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_matches_committed_metrics():
+    assert report.readme_block(ROOT / "models") in (ROOT / "README.md").read_text(), (
+        "README results differ from models/*/metrics.json: run `mammo-tf report`"
+    )
+
+
+def test_format_value():
+    assert report.format_value([0.8123, 0.0456]) == "0.812 ± 0.046"
+    assert report.format_value(0.5) == "0.500"
+    assert report.format_value(math.nan) == "n/a"
+    assert report.format_value("leaky") == "leaky"
+
+
+def test_tables_and_readme_update(tmp_path):
+    models = tmp_path / "models"
+    save_json(models / "a" / "metrics.json", {"results": [
+        {"table": "T", "row": "cnn", "values": {"AUC": [0.7, 0.1]}, "command": "c", "hardware": "h", "date": "d"},
+        {"table": "T", "row": "majority", "values": {"AUC": 0.5, "acc": 0.6}, "command": "c", "hardware": "h", "date": "d"},
+    ]})
+    text = report.build_tables(report.collect_rows(models))
+    assert "| cnn | 0.700 ± 0.100 |  |" in text and "| majority | 0.500 | 0.600 |" in text
+    assert "`models/a`: `c` — h, d" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nstale\n{report.END}\noutro\n")
+    assert report.update_readme(readme, models)
+    assert "stale" not in readme.read_text() and readme.read_text().endswith("outro\n")
+    assert not report.update_readme(readme, models)
