@@ -1,0 +1,1 @@
+"""Evaluation metrics: detection (VOC AP, FROC) and classification (scikit-learn wrappers)."""

@@ -1,0 +1,213 @@
+"""Classification metrics: thin wrappers over scikit-learn that survive absent classes (NaN)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+DEFAULT_CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
+
+
+def _labels_and_proba(y_true: ArrayLike, proba: ArrayLike, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != n_classes:
+        raise ValueError(f"proba must have shape (n, {n_classes}) (one column per class), got {p.shape}")
+    if p.shape[0] != y.shape[0]:
+        raise ValueError(f"y_true has {y.shape[0]} samples but proba has {p.shape[0]} rows")
+    if not len(y):
+        raise ValueError("y_true is empty")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("proba contains NaN or inf")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y.astype(np.float64), 1), 0)):
+            raise ValueError("y_true must hold integer class ids")
+        y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"y_true must hold class ids in [0, {n_classes}), got range [{y.min()}, {y.max()}]")
+    return y, p
+
+
+def _binary(y_true: ArrayLike, score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).reshape(-1)
+    s = np.asarray(score, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"y_true and score must have the same length, got {y.shape[0]} and {s.shape[0]}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("score contains NaN or inf")
+    if not np.all(np.isin(y, (0, 1))):
+        raise ValueError("y_true must be binary (0/1 or bool)")
+    return y.astype(np.int64), s
+
+
+def safe_roc_auc(y_true: ArrayLike, score: ArrayLike) -> float:
+    """Binary ROC AUC, NaN when only one class is present instead of raising."""
+    y, s = _binary(y_true, score)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def classification_report_dict(
+    y_true: ArrayLike,
+    proba: ArrayLike,
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, one-vs-rest and abnormal-vs-normal ROC AUC, confusion matrix.
+
+    Predictions are ``argmax(proba)``. Class 0 is "normal": the abnormal-vs-normal score is
+    ``1 - proba[:, 0]``. A class absent from ``y_true`` gets NaN AUC/recall and is left out of
+    ``macro_roc_auc`` (the mean of the defined one-vs-rest AUCs, as scikit-learn's
+    ``multi_class="ovr"`` macro average when every class is present); balanced accuracy is
+    scikit-learn's (mean recall over the classes present in ``y_true``).
+    """
+    names = tuple(class_names)
+    y, p = _labels_and_proba(y_true, proba, len(names))
+    labels = list(range(len(names)))
+    pred = p.argmax(axis=1)
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected on small folds.
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y, pred))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=labels, zero_division=np.nan
+    )
+    per_class: dict[str, dict[str, Any]] = {}
+    aucs = []
+    for k, name in enumerate(names):
+        auc = safe_roc_auc(y == k, p[:, k])
+        aucs.append(auc)
+        per_class[name] = {
+            "roc_auc": auc,
+            "precision": float(precision[k]),
+            "recall": float(recall[k]),
+            "f1": float(f1[k]),
+            "support": int(support[k]),
+        }
+    defined = [a for a in aucs if not math.isnan(a)]
+    return {
+        "n": int(len(y)),
+        "class_names": list(names),
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": balanced,
+        "macro_roc_auc": float(np.mean(defined)) if defined else float("nan"),
+        "abnormal_vs_normal_auc": safe_roc_auc(y != 0, 1.0 - p[:, 0]),
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+    }
+
+
+def bootstrap_auc_ci(
+    y_true: ArrayLike,
+    score: ArrayLike,
+    groups: ArrayLike | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Percentile bootstrap CI of a binary ROC AUC, resampling whole groups (patients) when given.
+
+    Resamples that contain a single class have no AUC and are skipped; ``n_valid`` counts the
+    rest. The unit of resampling is the group: a patient's films enter or leave together.
+    """
+    y, s = _binary(y_true, score)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if groups is None:
+        units = [np.array([i]) for i in range(len(y))]
+    else:
+        g = np.asarray(groups).reshape(-1)
+        if g.shape != y.shape:
+            raise ValueError(f"groups must have one entry per sample: {g.shape[0]} != {y.shape[0]}")
+        _, inverse = np.unique(g, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        units = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+    point = safe_roc_auc(y, s)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = np.concatenate([units[u] for u in rng.integers(0, len(units), size=len(units))])
+        yb = y[idx]
+        if yb.min() == yb.max():
+            continue
+        boots.append(roc_auc_score(yb, s[idx]))
+    if boots:
+        low, high = np.quantile(boots, [alpha / 2.0, 1.0 - alpha / 2.0])
+    else:
+        low = high = float("nan")
+    return {
+        "auc": point,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "alpha": float(alpha),
+        "n_boot": int(n_boot),
+        "n_valid": len(boots),
+        "n_units": len(units),
+    }
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            flat[name] = float(value)
+    return flat
+
+
+def summarise_folds(folds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean, sample std (ddof=1) and n of every scalar metric across folds (nested keys joined by '.').
+
+    Non-scalar entries (lists, arrays, strings, booleans) are skipped; NaN values (e.g. an AUC
+    undefined in one fold) are left out, so ``n`` counts the folds where the metric exists.
+    """
+    if not folds:
+        raise ValueError("summarise_folds needs at least one fold")
+    flats = [_flatten(f) for f in folds]
+    keys: list[str] = []
+    for f in flats:
+        keys.extend(k for k in f if k not in keys)
+    out: dict[str, dict[str, float]] = {}
+    for key in keys:
+        values = np.array([f[key] for f in flats if key in f and not math.isnan(f[key])])
+        n = len(values)
+        out[key] = {
+            "mean": float(values.mean()) if n else float("nan"),
+            "std": float(values.std(ddof=1)) if n > 1 else float("nan"),
+            "n": n,
+        }
+    return out
+
+
+def threshold_for_sensitivity(y_true: ArrayLike, score: ArrayLike, sensitivity: float = 0.95) -> float:
+    """Highest threshold whose rule ``score >= threshold`` reaches the target sensitivity on this data."""
+    y, s = _binary(y_true, score)
+    if not 0.0 < sensitivity <= 1.0:
+        raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
+    if not y.any():
+        raise ValueError("threshold_for_sensitivity needs at least one positive sample")
+    if y.all():
+        # roc_curve needs negatives; with none, the lowest positive score keeps every positive.
+        return float(np.sort(s)[::-1][int(math.ceil(sensitivity * len(s) - 1e-9)) - 1])
+    _, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    # tpr is non-decreasing as the threshold falls; the first index reaching the target is the
+    # highest threshold that does.
+    idx = int(np.argmax(tpr >= sensitivity - 1e-12))
+    return float(thresholds[idx])

@@ -1,0 +1,109 @@
+"""Classification figures: confusion matrices, ROC curves and training curves."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from numpy.typing import ArrayLike
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+DEFAULT_CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
+CLASS_COLOURS: dict[str, str] = {"normal": "tab:blue", "benign": "tab:green", "malignant": "tab:red"}
+
+
+def plot_confusion_matrix(
+    cm: ArrayLike, class_names: Sequence[str] = DEFAULT_CLASS_NAMES, title: str | None = None
+) -> Figure:
+    """Confusion matrix (rows true, columns predicted) as counts and row-normalised, side by side."""
+    counts = np.asarray(cm, dtype=float)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(class_names):
+        raise ValueError(f"cm must be square with one row per class ({len(class_names)}), got shape {counts.shape}")
+    rows = counts.sum(axis=1, keepdims=True)
+    # A class absent from the true labels has an empty row: NaN (blank), not a division error.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.where(rows > 0, counts / np.where(rows > 0, rows, 1), np.nan)
+    fig = Figure(figsize=(11, 4.5))
+    ax_counts, ax_norm = fig.subplots(1, 2)
+    ConfusionMatrixDisplay(counts.astype(int), display_labels=list(class_names)).plot(
+        ax=ax_counts, cmap="Blues", values_format="d", colorbar=False
+    )
+    ax_counts.set_title("counts")
+    ConfusionMatrixDisplay(normalised, display_labels=list(class_names)).plot(
+        ax=ax_norm, cmap="Blues", values_format=".2f", colorbar=False, im_kw={"vmin": 0, "vmax": 1}
+    )
+    ax_norm.set_title("row-normalised (recall per true class)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_roc_curves(
+    y_true: ArrayLike, proba: ArrayLike, class_names: Sequence[str] = DEFAULT_CLASS_NAMES, title: str | None = None
+) -> Figure:
+    """One-vs-rest ROC per class plus abnormal-vs-normal (score 1 - p(normal)); undefined curves skipped."""
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(proba, dtype=float)
+    if p.ndim != 2 or p.shape != (len(y), len(class_names)):
+        raise ValueError(f"proba must have shape ({len(y)}, {len(class_names)}), got {p.shape}")
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    curves = [(f"{name} vs rest", y == k, p[:, k], CLASS_COLOURS.get(name, f"C{k}"), "-")
+              for k, name in enumerate(class_names)]
+    curves.append(("abnormal vs normal", y != 0, 1.0 - p[:, 0], "black", "--"))
+    skipped = []
+    for name, target, score, colour, ls in curves:
+        if target.all() or not target.any():
+            skipped.append(name)
+            continue
+        RocCurveDisplay.from_predictions(target, y_score=score, name=name, ax=ax,
+                                         curve_kwargs={"color": colour, "ls": ls})
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=title or "ROC" + (f" (no curve: {', '.join(skipped)})" if skipped else ""))
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def _history_frame(history: Any) -> pd.DataFrame:
+    if hasattr(history, "history"):  # keras.callbacks.History
+        history = history.history
+    if isinstance(history, pd.DataFrame):
+        frame = history.copy()
+    elif isinstance(history, Mapping):
+        frame = pd.DataFrame({k: list(v) for k, v in history.items()})
+    else:
+        raise TypeError(
+            f"history must be a Keras History, a dict of lists or a DataFrame, got {type(history).__name__}"
+        )
+    if frame.empty:
+        raise ValueError("history is empty")
+    return frame
+
+
+def plot_training_curves(history: Any, title: str | None = None) -> Figure:
+    """Loss and each metric per epoch, train vs validation, from a Keras History/dict or CSVLogger DataFrame."""
+    frame = _history_frame(history)
+    epochs = frame["epoch"].to_numpy() + 1 if "epoch" in frame else np.arange(1, len(frame) + 1)
+    metrics = [c for c in frame.columns if c != "epoch" and not c.startswith("val_")]
+    metrics.sort(key=lambda c: (c != "loss", c in ("lr", "learning_rate"), c))
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, name in zip(axes, metrics):
+        schedule = name in ("lr", "learning_rate")
+        ax.plot(epochs, frame[name], marker=".", label=None if schedule else "train")
+        if f"val_{name}" in frame:
+            ax.plot(epochs, frame[f"val_{name}"], marker=".", label="validation")
+        ax.set(xlabel="epoch", title=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if schedule:
+            ax.set_yscale("log")
+        else:
+            ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,0 +1,184 @@
+"""Detection figures: PR curves, per-class AP bars, FROC curves and boxes drawn on a film."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from numpy.typing import ArrayLike
+
+# Built on matplotlib.figure.Figure (no pyplot): no global figure registry to leak in loops,
+# and no backend needed to render to PNG.
+
+CLASS_COLOURS: dict[str, str] = {"benign": "tab:green", "malignant": "tab:red"}
+DEFAULT_LABEL_NAMES: dict[int, str] = {1: "benign", 2: "malignant"}
+
+
+def _colour(name: str, index: int) -> str:
+    return CLASS_COLOURS.get(name, f"C{index}")
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def plot_pr_curves(result: Mapping[str, Any], method: str = "all_point", separate: bool = False) -> Figure:
+    """Precision-recall curve per class from `evaluate_detections` (raw curve and its envelope), AP in legend."""
+    classes = result["classes"]
+    n = max(len(classes), 1)
+    fig = Figure(figsize=(5 * n, 4.5) if separate else (5.5, 4.5))
+    axes = fig.subplots(1, n, squeeze=False)[0] if separate else [fig.subplots()] * n
+    for i, (name, entry) in enumerate(classes.items()):
+        ax = axes[i]
+        colour = _colour(name, i)
+        label = f"{name} (AP={_fmt(entry[f'ap_{method}'])}, n_gt={entry['n_gt']}, n_det={entry['n_det']})"
+        rec = np.asarray(entry["recall"], dtype=float)
+        prec = np.asarray(entry["precision"], dtype=float)
+        if entry["n_gt"] == 0 or not len(rec):
+            ax.plot([], [], color=colour, label=label + (" - no ground truth" if entry["n_gt"] == 0 else ""))
+        else:
+            envelope = np.maximum.accumulate(prec[::-1])[::-1]
+            ax.plot(np.r_[0.0, rec], np.r_[prec[0], prec], color=colour, alpha=0.5, lw=1)
+            ax.plot(np.r_[0.0, rec], np.r_[envelope[0], envelope], color=colour, lw=2,
+                    drawstyle="steps-pre", label=label)
+    for ax in axes[: n if separate else 1]:
+        ax.set(xlim=(0, 1.0), ylim=(0, 1.05), xlabel="recall", ylabel="precision")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize="small")
+    fig.suptitle(f"Precision-recall at IoU >= {result['iou_threshold']:g} ({method.replace('_', '-')} AP)")
+    return fig
+
+
+def plot_ap_bars(
+    result: Mapping[str, Any],
+    method: str = "all_point",
+    reference: Mapping[str, float] | None = None,
+    reference_label: str = "reference",
+) -> Figure:
+    """Per-class AP and mAP as bars, optionally beside a hatched grey reference set (e.g. published numbers)."""
+    names = list(result["classes"]) + ["mAP"]
+    ours = [result["classes"][c][f"ap_{method}"] for c in result["classes"]] + [result[f"map_{method}"]]
+    fig = Figure(figsize=(1.6 * len(names) + 2, 4))
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    width = 0.38 if reference else 0.6
+    offset = width / 2 if reference else 0.0
+    colours = [_colour(n, i) for i, n in enumerate(names[:-1])] + ["tab:blue"]
+    bars = ax.bar(x - offset, np.nan_to_num(ours), width, color=colours, label="this model")
+    for bar, value in zip(bars, ours):
+        ax.annotate(_fmt(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize="small")
+    if reference:
+        unknown = set(reference) - set(names)
+        if unknown:
+            raise ValueError(f"reference has names {sorted(unknown)} not among {names}")
+        ref = [reference.get(n, float("nan")) for n in names]
+        ref_bars = ax.bar(x + offset, np.nan_to_num(ref), width, color="lightgrey", edgecolor="black", hatch="//",
+                          label=reference_label)
+        for bar, value in zip(ref_bars, ref):
+            ax.annotate(_fmt(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize="small")
+    ax.set_xticks(x, names)
+    ax.set(ylim=(0, 1.1), ylabel=f"AP ({method.replace('_', '-')})",
+           title=f"Average precision at IoU >= {result['iou_threshold']:g}")
+    ax.legend(loc="upper right", fontsize="small")
+    return fig
+
+
+def plot_froc(
+    curves: Mapping[str, Any],
+    fp_range: tuple[float, float] = (0.125, 8.0),
+    log_x: bool = True,
+    ax: Axes | None = None,
+) -> Figure:
+    """FROC curve(s) from `froc` (one result, or a mapping label -> result), grid points marked."""
+    if "fps" in curves:
+        curves = {"model": curves}
+    if ax is None:
+        fig = Figure(figsize=(5.5, 4.5))
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    for i, (label, res) in enumerate(curves.items()):
+        colour = f"C{i}"
+        hit = "centre in lesion" if res["criterion"] == "centre" else f"IoU >= {res['iou_threshold']:g}"
+        ax.plot(res["fps"], res["sensitivity"], drawstyle="steps-post", color=colour,
+                label=f"{label} [{hit}] (mean sens.={_fmt(res['mean_sensitivity'])}, {res['n_lesions']} lesions)")
+        # Beyond its last operating point the curve cannot go further: show the plateau dotted.
+        last_fp, last_sens = res["fps"][-1], res["sensitivity"][-1]
+        if last_fp < fp_range[1]:
+            ax.plot([last_fp, fp_range[1]], [last_sens, last_sens], ls=":", color=colour)
+        ax.plot(res["grid_fps"], res["grid_sensitivity"], "o", color=colour, ms=4)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set(xlim=fp_range, ylim=(0, 1.02), xlabel="mean false positives per image", ylabel="lesion sensitivity",
+           title="FROC")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def draw_detections(
+    image: ArrayLike,
+    gt_boxes: ArrayLike,
+    gt_labels: ArrayLike,
+    det_boxes: ArrayLike,
+    det_labels: ArrayLike,
+    det_scores: ArrayLike,
+    ax: Axes | None = None,
+    label_names: Mapping[int, str] = DEFAULT_LABEL_NAMES,
+    score_threshold: float = 0.0,
+    title: str | None = None,
+) -> Figure:
+    """A film with ground truth (dashed, thick) and detections (solid, 'class score' text); boxes in pixels."""
+    img = np.asarray(image)
+    if img.ndim not in (2, 3):
+        raise ValueError(f"image must be (H, W) or (H, W, C), got shape {img.shape}")
+    gt = np.asarray(gt_boxes, dtype=float).reshape(-1, 4)
+    det = np.asarray(det_boxes, dtype=float).reshape(-1, 4)
+    gl, dl, ds = (np.asarray(v).reshape(-1) for v in (gt_labels, det_labels, det_scores))
+    if len(gl) != len(gt) or len(dl) != len(det) or len(ds) != len(det):
+        raise ValueError("draw_detections: one label per box and one score per detection are required")
+    if ax is None:
+        fig = Figure(figsize=(6, 6))
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+
+    def colour(label: int) -> str:
+        return CLASS_COLOURS.get(label_names.get(int(label), ""), "yellow")
+
+    for box, label in zip(gt, gl):
+        y0, x0, y1, x1 = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls="--", lw=2.5, ec=colour(label)))
+        ax.text(x0, y1, f"GT {label_names.get(int(label), label)}", color=colour(label), va="top", fontsize="x-small",
+                bbox={"facecolor": "black", "alpha": 0.7, "pad": 1, "lw": 0})
+    for box, label, score in sorted(zip(det, dl, ds), key=lambda t: t[2]):
+        if score < score_threshold:
+            continue
+        y0, x0, y1, x1 = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls="-", lw=1.2, ec=colour(label)))
+        ax.text(x0, y0, f"{label_names.get(int(label), label)} {score:.2f}", color="white", va="bottom",
+                fontsize="x-small", bbox={"facecolor": colour(label), "alpha": 0.6, "pad": 1, "lw": 0})
+    ax.set_axis_off()
+    ax.set_title(title or "ground truth: dashed; detections: solid")
+    return fig
+
+
+def draw_detection_grid(panels: Sequence[Mapping[str, Any]], ncols: int = 3) -> Figure:
+    """Several `draw_detections` panels (each a dict of its keyword arguments) in one figure."""
+    if not panels:
+        raise ValueError("draw_detection_grid needs at least one panel")
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4 * ncols, 4 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels):
+        draw_detections(ax=ax, **panel)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    return fig
