@@ -40,8 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.data:
         cfg["data"] = args.data
-    command = "mammo-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results = study.run(cfg, out_root=args.out, steps=args.steps, command=command)
+    results = study.run(cfg, out_root=args.out, steps=args.steps, command=_command())
     if "data" in results:
         print(json.dumps({k: v for k, v in results["data"].items() if k != "folds"}, indent=2))
     print(f"[mammo-tf] outputs in {Path(args.out) / cfg['name']}")
@@ -65,6 +64,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """Cross-validate the depthwise CNN classifier (config file) into OUT/<name>/."""
+    from mammo_tf import classify
+    from mammo_tf.config import from_dict, load_config
+
+    exp = from_dict(classify.ClassifierExperiment, load_config(args.config))
+    classify.run_experiment(exp, Path(args.out) / exp.name, command=_command())
+    return 0
+
+
+def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
+    """Re-evaluate a trained classifier folder (its config.yaml and fold models) without retraining."""
+    from mammo_tf import classify
+    from mammo_tf.config import from_dict, load_config
+
+    model_dir = Path(args.model)
+    exp = from_dict(classify.ClassifierExperiment, load_config(model_dir / "config.yaml"))
+    missing = [k for k in range(min(exp.folds, exp.max_folds or exp.folds)) if not (model_dir / f"fold{k}" / "model.keras").is_file()]
+    if missing:
+        print(f"mammo-tf: error: {model_dir} has no trained model for folds {missing}", file=sys.stderr)
+        return 2
+    classify.run_experiment(exp, model_dir, command=_command())
+    return 0
+
+
+def _command() -> str:
+    return "mammo-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="mammo-tf", description=__doc__)
@@ -81,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="outputs go to OUT/<config name>/")
     p.add_argument("--steps", nargs="*", default=None, help="run only these steps")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("train-classifier", help=cmd_train_classifier.__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default="models")
+    p.set_defaults(func=cmd_train_classifier)
+    p = sub.add_parser("evaluate-classifier", help=cmd_evaluate_classifier.__doc__)
+    p.add_argument("--model", required=True, help="a folder written by train-classifier")
+    p.set_defaults(func=cmd_evaluate_classifier)
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")

@@ -1,0 +1,284 @@
+"""The classifier experiment: patient-level cross-validation at patch and whole-mammogram level.
+
+Per fold: patches of the training patients under one cutting strategy train the small CNN
+(validation patients held out of the fold's training patients for early stopping); the test
+patients are scored three ways:
+
+- *patch level, same strategy*: for ``lesion_centred`` the test patches are centred on the
+  lesions, so the protocol **leaks where the lesion is** (reported, and labelled so);
+- *patch level, grid*: ``grid_keep`` patches of the test films, labelled by the same rule, the
+  reference that knows nothing of the lesion position;
+- *whole mammogram*: every ``grid_keep`` patch over the breast of a test film is classified; the
+  film takes the probabilities of its most abnormal patch (highest ``1 - p(normal)``), so its
+  abnormality score is ``max(1 - p(normal))`` over the breast. This is the classifier that gates
+  the detector in the cascade.
+
+Baselines on the same folds: the majority class (training prior) and a class-balanced logistic
+regression on simple intensity features (of the patch, or of the film's breast region).
+The leakage audit trains the same network on a naive random split of the (jittered, repeated)
+patches, ignoring patients, and is reported beside the patient-level numbers as leaky.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mammo_tf import baselines, patches, pipelines, training
+from mammo_tf.config import from_dict, provenance, save_config
+from mammo_tf.data import mias, splits
+from mammo_tf.io import atomic_path, save_figure, save_json
+from mammo_tf.metrics import classification as cm
+
+METRIC_KEYS = {"accuracy": "accuracy", "balanced acc": "balanced_accuracy", "macro AUC": "macro_roc_auc",
+               "abnormal AUC": "abnormal_vs_normal_auc"}
+
+
+@dataclass
+class ClassifierExperiment:
+    """One cross-validated classifier run (saved as config.yaml beside its results)."""
+
+    name: str = "cnn128_lesion_centred"
+    strategy: str = "lesion_centred"
+    size: int = 128
+    folds: int = 5
+    max_folds: int | None = None          # small setting: only the first folds
+    val_fraction: float = 0.2
+    seed: int = 0
+    patch_options: dict = field(default_factory=lambda: {"jitter": 16})
+    normal_per_abnormal: float | None = 3.0   # subsample normal training patches to this ratio
+    balance: str = "class_weight"             # class_weight | resample | none
+    max_angle: float = 0.0
+    max_films: int | None = None              # small setting: a subset of patients
+    leakage_audit: bool = False
+    model: dict = field(default_factory=dict)  # mammo_tf.models.classifier.ClassifierConfig
+    train: dict = field(default_factory=dict)  # mammo_tf.training.TrainConfig
+
+
+def _subsample_normals(records: pd.DataFrame, ratio: float | None, seed: int) -> pd.DataFrame:
+    """Keep every abnormal patch and at most `ratio` times as many normal ones (seeded)."""
+    if ratio is None:
+        return records
+    abnormal = records[records["label_id"] > 0]
+    normal = records[records["label_id"] == 0]
+    n = min(len(normal), max(1, int(round(ratio * max(1, len(abnormal))))))
+    return pd.concat([abnormal, normal.sample(n=n, random_state=seed)]).sort_index().reset_index(drop=True)
+
+
+def _predict(model: Any, records: pd.DataFrame, films: patches.FilmCache, batch_size: int) -> np.ndarray:
+    ds = pipelines.patch_dataset(records.assign(label_id=records["label_id"].clip(lower=0)), training=False,
+                                 batch_size=batch_size, films=films, cache=False)
+    return model.predict(ds.map(lambda x, y: x), verbose=0)
+
+
+def _patch_pixels(records: pd.DataFrame, films: patches.FilmCache) -> np.ndarray:
+    return np.stack([patches.cut(films.image(r.refnum), r) for r in records.itertuples()])
+
+
+def film_scores(records: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
+    """Whole-mammogram probabilities: each film takes the probabilities of its most abnormal patch."""
+    abnormal = 1.0 - proba[:, 0]
+    frame = records[["refnum"]].assign(_score=abnormal, _row=np.arange(len(records)))
+    best = frame.loc[frame.groupby("refnum")["_score"].idxmax()]
+    out = pd.DataFrame(proba[best["_row"].to_numpy()], columns=list(mias.CLASSES), index=best["refnum"].to_numpy())
+    out["abnormal_score"] = best["_score"].to_numpy()
+    return out.sort_index()
+
+
+def _film_features(refnums: list[str], films: patches.FilmCache) -> np.ndarray:
+    images = np.stack([films.image(r)[::4, ::4] for r in refnums])
+    masks = np.stack([films.mask(r)[::4, ::4] for r in refnums])
+    return baselines.intensity_features(images, masks)
+
+
+def _report(y: np.ndarray, proba: np.ndarray) -> dict:
+    return cm.classification_report_dict(y, proba, class_names=mias.CLASSES)
+
+
+def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict[str, pd.DataFrame],
+             folds: list, films: patches.FilmCache, out: Path) -> dict:
+    """Train and evaluate one fold; returns its metrics and predictions."""
+    import keras
+
+    from mammo_tf.models import classifier as clf
+
+    train_pat, test_pat = folds[k]
+    tr_pat, va_pat = splits.train_val_split(ann, train_pat, exp.val_fraction, seed=exp.seed + k)
+    own = records["own"]
+    train, test = pipelines.split_records(own, tr_pat, test_pat)
+    val, _ = pipelines.split_records(own, va_pat, test_pat)
+    pipelines.assert_no_patient_leak(train, val, test)
+    train = _subsample_normals(train, exp.normal_per_abnormal, exp.seed + k)
+    tcfg = from_dict(training.TrainConfig, {"seed": exp.seed + k, **exp.train})
+    mcfg = clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size})
+    kw = dict(batch_size=tcfg.batch_size, films=films)
+    train_ds = pipelines.patch_dataset(train, training=True, seed=exp.seed + k, max_angle=exp.max_angle,
+                                       balance="resample" if exp.balance == "resample" else None, **kw)
+    val_ds = pipelines.patch_dataset(val, training=False, **kw)
+    weights = pipelines.class_weights(train) if exp.balance == "class_weight" else None
+    fold_dir = out / f"fold{k}"
+    model_path = fold_dir / "model.keras"
+    if model_path.is_file():
+        # A finished fold is evaluated, not retrained (resume, and `evaluate-classifier`).
+        model = keras.saving.load_model(model_path, safe_mode=True)
+        history = pd.read_csv(fold_dir / "history.csv")
+    else:
+        model, history = training.fit(lambda: clf.build_classifier(mcfg), lambda: {
+            "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
+            train_ds, val_ds, tcfg, fold_dir, class_weight=weights, verbose=2)
+        history.to_csv(fold_dir / "history.csv", index=False)
+        with atomic_path(model_path) as tmp:
+            model.save(tmp)
+
+    result: dict[str, Any] = {"fold": k, "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
+                              "epochs_run": int(len(history))}
+    # Does the network fit its own training set? (Evaluated without augmentation.)
+    result["train_own"] = _report(train["label_id"].to_numpy(), _predict(model, train, films, tcfg.batch_size))
+    x_train = baselines.intensity_features(_patch_pixels(train, films))
+    for name, frame in (("own", test), ("grid", pipelines.split_records(records["grid"], tr_pat, test_pat)[1])):
+        frame = frame[frame["label_id"] >= 0]
+        y = frame["label_id"].to_numpy()
+        result[f"patch_{name}"] = {
+            "cnn": _report(y, _predict(model, frame, films, tcfg.batch_size)),
+            "majority": _report(y, baselines.majority_proba(train["label_id"].to_numpy(), len(y))),
+            "logistic": _report(y, baselines.logistic_proba(
+                x_train, train["label_id"].to_numpy(), baselines.intensity_features(_patch_pixels(frame, films)))),
+        }
+    # Whole mammogram: every grid patch over the breast, labelled or not.
+    whole = records["whole"]
+    test_whole = whole[whole["patient_id"].isin(test_pat)]
+    scores = film_scores(test_whole, _predict(model, test_whole, films, tcfg.batch_size))
+    film_labels = mias.images_table(ann).set_index("refnum")["label_id"]
+    y_film = film_labels.loc[scores.index].to_numpy()
+    train_films = sorted(ann[ann["patient_id"].isin(train_pat)]["refnum"].unique())
+    result["image"] = {
+        "cnn": _report(y_film, scores[list(mias.CLASSES)].to_numpy()),
+        "majority": _report(y_film, baselines.majority_proba(film_labels.loc[train_films].to_numpy(), len(y_film))),
+        "logistic": _report(y_film, baselines.logistic_proba(
+            _film_features(train_films, films), film_labels.loc[train_films].to_numpy(),
+            _film_features(list(scores.index), films))),
+    }
+    scores.assign(label_id=y_film, fold=k).to_csv(fold_dir / "film_predictions.csv", index_label="refnum")
+    return result
+
+
+def _naive_split_audit(exp: ClassifierExperiment, ann: pd.DataFrame, films: patches.FilmCache, out: Path) -> dict:
+    """The leaky protocol: repeated jittered patches of all films, split at random ignoring patients."""
+    from sklearn.model_selection import train_test_split
+
+    from mammo_tf.models import classifier as clf
+
+    copies = [patches.cut_patches(ann, exp.strategy, exp.size, seed=exp.seed + c, films=films,
+                                  refnums=_films_subset(ann, exp), **{**exp.patch_options, "jitter": 24})
+              for c in range(4)]
+    pool = pd.concat(copies, ignore_index=True)
+    train, test = train_test_split(pool, test_size=0.2, random_state=exp.seed, stratify=pool["label_id"])
+    train, val = train_test_split(train, test_size=0.2, random_state=exp.seed, stratify=train["label_id"])
+    train = _subsample_normals(train.reset_index(drop=True), exp.normal_per_abnormal, exp.seed)
+    tcfg = from_dict(training.TrainConfig, {"seed": exp.seed, **exp.train})
+    mcfg = clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size})
+    kw = dict(batch_size=tcfg.batch_size, films=films)
+    model, _ = training.fit(lambda: clf.build_classifier(mcfg), lambda: {
+        "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
+        pipelines.patch_dataset(train, training=True, seed=exp.seed, **kw),
+        pipelines.patch_dataset(val.reset_index(drop=True), training=False, **kw), tcfg, out / "naive_split",
+        class_weight=pipelines.class_weights(train), verbose=2)
+    shared = len(set(train["patient_id"]) & set(test["patient_id"]))
+    return {"cnn": _report(test["label_id"].to_numpy(), _predict(model, test.reset_index(drop=True), films, tcfg.batch_size)),
+            "patients_on_both_sides": shared, "n_test": int(len(test))}
+
+
+def _films_subset(ann: pd.DataFrame, exp: ClassifierExperiment) -> list[str] | None:
+    if exp.max_films is None:
+        return None
+    # Whole patients, stratified by label, so the small setting keeps every class.
+    patients = splits.patient_table(ann)
+    per_class = max(1, exp.max_films // 6)
+    chosen = patients.groupby("label_id", group_keys=False).apply(
+        lambda g: g.sample(n=min(len(g), per_class), random_state=exp.seed))["patient_id"]
+    return sorted(ann[ann["patient_id"].isin(chosen)]["refnum"].unique())
+
+
+def _rows(summary: dict, exp: ClassifierExperiment, prov: dict) -> list[dict]:
+    leak = exp.strategy == "lesion_centred"
+    hardware = f"{prov['hardware']['cpu']} ({prov['hardware']['cpu_count']} cores), GPUs: {prov['hardware']['gpus']}"
+    common = {"command": prov["command"], "hardware": hardware, "date": prov["date"]}
+    tables = [
+        ("patch_own", f"Classification, patch level ({exp.size} px, test patches cut like training: {exp.strategy})",
+         "leaks the lesion position (tumour-centred test patches)" if leak else ""),
+        ("patch_grid", f"Classification, patch level ({exp.size} px, grid_keep test patches)", ""),
+        ("image", "Classification, whole mammogram (max over breast patches)", ""),
+    ]
+    rows = []
+    for key, title, note in tables:
+        for model in ("cnn", "majority", "logistic"):
+            label = {"cnn": f"CNN trained on {exp.strategy} {exp.size}", "majority": "majority class",
+                     "logistic": "logistic regression, intensity features"}[model]
+            values = {}
+            for col, metric in METRIC_KEYS.items():
+                s = summary.get(f"{key}.{model}.{metric}")
+                values[col] = [s["mean"], s["std"]] if s else float("nan")
+            rows.append({"table": title, "row": label, "values": values,
+                         "note": (note if model == "cnn" else "") + f" n_folds={summary.get('n_folds', '?')}", **common})
+    if "naive.cnn.macro_roc_auc" in summary:
+        values = {col: [summary[f"naive.cnn.{m}"]["mean"], summary[f"naive.cnn.{m}"]["std"]] for col, m in METRIC_KEYS.items()}
+        rows.append({"table": tables[0][1], "row": f"CNN, naive random patch split (LEAKY)", "values": values,
+                     "note": "patients on both sides of the split: not a valid estimate", **common})
+    return rows
+
+
+def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str | None = None) -> dict:
+    """Cross-validate the classifier; write config, per-fold and summary metrics, figures and models."""
+    from mammo_tf.plots import classification as cplots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(exp, out / "config.yaml")
+    print(f"[mammo-tf] classifier {exp.name}: {exp.strategy} {exp.size} px -> {out}", flush=True)
+    t0 = time.perf_counter()
+    ann = mias.load_annotations()
+    films = patches.FilmCache()
+    refnums = _films_subset(ann, exp)
+    if refnums is not None:
+        ann = ann[ann["refnum"].isin(refnums)].reset_index(drop=True)
+    records = {
+        "own": patches.cut_patches(ann, exp.strategy, exp.size, seed=exp.seed, films=films, **exp.patch_options),
+        "grid": patches.cut_patches(ann, "grid_keep", exp.size, seed=exp.seed, films=films),
+        # Whole-film scoring uses every breast patch, including those the label rule excludes.
+        "whole": patches.cut_patches(ann, "grid_keep", exp.size, seed=exp.seed, films=films, drop_excluded=False),
+    }
+    folds = splits.patient_folds(ann, n_splits=exp.folds, seed=exp.seed)
+    n_run = min(exp.folds, exp.max_folds or exp.folds)
+    fold_results = [run_fold(exp, k, ann, records, folds, films, out) for k in range(n_run)]
+    flat = [{k: v for k, v in r.items() if k not in ("fold",)} for r in fold_results]
+    if exp.leakage_audit:
+        audit = _naive_split_audit(exp, ann, films, out)
+        for r in flat:
+            r["naive"] = audit
+    summary = cm.summarise_folds(flat)
+    summary["n_folds"] = n_run
+    prov = provenance(command)
+    prov["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    metrics = {"experiment": dataclasses.asdict(exp), "summary": summary, "folds": fold_results,
+               "provenance": prov, "results": _rows(summary, exp, prov)}
+    save_json(out / "metrics.json", metrics)
+    _figures(out, fold_results, cplots)
+    return metrics
+
+
+def _figures(out: Path, fold_results: list[dict], cplots: Any) -> None:
+    """Training curves (fold 0), summed confusion matrices and pooled ROC curves, as PNG."""
+    hist = pd.read_csv(out / "fold0" / "history.csv")
+    save_figure(cplots.plot_training_curves(hist), out / "training_curves.png")
+    for key in ("patch_grid", "image"):
+        total = np.sum([r[key]["cnn"]["confusion_matrix"] for r in fold_results], axis=0)
+        save_figure(cplots.plot_confusion_matrix(total, mias.CLASSES), out / f"confusion_{key}.png")
+    films = pd.concat([pd.read_csv(out / f"fold{r['fold']}" / "film_predictions.csv") for r in fold_results])
+    save_figure(cplots.plot_roc_curves(films["label_id"].to_numpy(), films[list(mias.CLASSES)].to_numpy(), mias.CLASSES),
+                out / "roc_image_level.png")
