@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.patches import Circle
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -18,7 +19,8 @@ def distributions(annotations: pd.DataFrame) -> Figure:
     """Four panels: image labels, abnormality by severity, tissue by label, lesion radius."""
     images = mias.images_table(annotations)
     lesions = annotations[annotations["abnormality"] != "NORM"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig = Figure(figsize=(16, 3.6))
+    axes = fig.subplots(1, 4)
     images["label"].value_counts().reindex(mias.CLASSES).plot.bar(ax=axes[0], color=["tab:blue", "tab:green", "tab:red"])
     axes[0].set_title("Films per label")
     pd.crosstab(lesions["abnormality"], lesions["severity"].map(mias.SEVERITIES)).plot.bar(
@@ -41,11 +43,11 @@ def distributions(annotations: pd.DataFrame) -> Figure:
     return fig
 
 
-def draw_lesions(ax: plt.Axes, image: np.ndarray, lesions: pd.DataFrame, title: str = "") -> plt.Axes:
+def draw_lesions(ax: Axes, image: np.ndarray, lesions: pd.DataFrame, title: str = "") -> Axes:
     """Show a film with its located lesions as circles (top-left coordinates)."""
     ax.imshow(image, cmap="gray", vmin=0, vmax=255)
     for row in lesions[lesions["has_location"]].itertuples():
-        ax.add_patch(plt.Circle((row.x, row.y), row.radius, fill=False, lw=1.5,
+        ax.add_patch(Circle((row.x, row.y), row.radius, fill=False, lw=1.5,
                                 color=SEVERITY_COLOURS[row.severity]))
         ax.plot(row.x, row.y, "+", color=SEVERITY_COLOURS[row.severity], ms=6)
     ax.set_title(title, fontsize=9)
@@ -57,7 +59,8 @@ def film_grid(annotations: pd.DataFrame, refnums: Sequence[str],
               load: Callable[[str], np.ndarray] = mias.load_image, ncols: int = 4) -> Figure:
     """A grid of films with their lesion circles drawn where the table puts them."""
     nrows = int(np.ceil(len(refnums) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.4 * nrows), squeeze=False)
+    fig = Figure(figsize=(3.2 * ncols, 3.4 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, refnum in zip(axes.flat, refnums):
         rows = annotations[annotations["refnum"] == refnum]
         first = rows.iloc[0]
