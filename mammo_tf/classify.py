@@ -91,6 +91,31 @@ def film_scores(records: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
     return out.sort_index()
 
 
+def score_image(model: Any, image: np.ndarray, size: int | None = None, mask: np.ndarray | None = None,
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-mammogram call on any grey film: (class probabilities of its most abnormal breast patch, heat map).
+
+    The heat map holds, per pixel, the highest abnormality score `1 - p(normal)` of the grid patches
+    covering it (NaN outside every scored patch). Same rule as `film_scores` for mini-MIAS folds.
+    """
+    image = np.asarray(image)
+    size = size or int(model.input_shape[1])
+    mask = patches.breast_mask(image) if mask is None else mask
+    tops, lefts = patches.grid_positions(image.shape, size, keep_edge=True)
+    keep = patches.window_fraction(mask, tops, lefts, size) > 0
+    tops, lefts = tops[keep], lefts[keep]
+    if not len(tops):
+        raise ValueError("score_image: no grid patch touches the breast mask")
+    batch = np.stack([image[t:t + size, l:l + size] for t, l in zip(tops, lefts)])[..., None].astype(np.float32) / 255.0
+    proba = model.predict(batch, batch_size=batch_size, verbose=0)
+    abnormal = 1.0 - proba[:, 0]
+    heat = np.full(image.shape, np.nan, dtype=np.float32)
+    for t, l, a in zip(tops, lefts, abnormal):
+        window = heat[t:t + size, l:l + size]
+        np.fmax(window, a, out=window)
+    return proba[int(np.argmax(abnormal))], heat
+
+
 def _film_features(refnums: list[str], films: patches.FilmCache) -> np.ndarray:
     images = np.stack([films.image(r)[::4, ::4] for r in refnums])
     masks = np.stack([films.mask(r)[::4, ::4] for r in refnums])

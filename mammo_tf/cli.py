@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-classifier", help=cmd_evaluate_classifier.__doc__)
     p.add_argument("--model", required=True, help="a folder written by train-classifier")
     p.set_defaults(func=cmd_evaluate_classifier)
+    try:
+        from mammo_tf import external_eval
+
+        external_eval.add_cli(sub)
+    except ImportError:  # pragma: no cover - the module lands with issue 7
+        pass
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")
