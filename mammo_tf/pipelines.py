@@ -1,0 +1,242 @@
+"""tf.data input pipelines from patch and crop records, with patient-level split checks.
+
+The films a pipeline needs are read once into one in-memory uint8 stack (322 films x 1 MB fit),
+and patches are sliced from it inside the graph, so no derived pixels are ever written to disk.
+Order of a patch pipeline: slice -> cache (uint8) -> [training: shuffle or class resampling] ->
+scale to float32 [0, 1], shape (size, size, 1) -> [training: augmentation] -> batch -> prefetch.
+Augmentation uses stateless random ops seeded from `tf.data.Dataset.random(seed)`, so a pipeline
+is reproducible for a given seed and still draws new transforms every epoch.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mammo_tf import augment
+from mammo_tf.data import mias
+from mammo_tf.patches import FilmCache
+
+AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow at module import
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_records(records: pd.DataFrame, train_patients: Iterable[int], test_patients: Iterable[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Records of the train and test patients (disjoint patient sets required)."""
+    train_set, test_set = {int(p) for p in train_patients}, {int(p) for p in test_patients}
+    both = sorted(train_set & test_set)
+    if both:
+        raise ValueError(f"{len(both)} patients are in both the train and test sets, e.g. {both[:10]}")
+    train = records[records["patient_id"].isin(train_set)].reset_index(drop=True)
+    test = records[records["patient_id"].isin(test_set)].reset_index(drop=True)
+    return train, test
+
+
+def assert_no_patient_leak(*record_frames: pd.DataFrame) -> None:
+    """Raise AssertionError if any patient appears in more than one of the frames."""
+    sets = [set(frame["patient_id"].astype(int)) for frame in record_frames]
+    for (i, a), (j, b) in combinations(enumerate(sets), 2):
+        both = sorted(a & b)
+        if both:
+            raise AssertionError(f"patient leak: {len(both)} patients in both frame {i} and frame {j}, e.g. {both[:10]}")
+
+
+# --------------------------------------------------------------------------- class balance
+
+
+def class_weights(records: pd.DataFrame, n_classes: int = len(mias.CLASSES)) -> dict[int, float]:
+    """Balanced class weights {class id: weight} for `model.fit(class_weight=...)` (absent classes weigh 0)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = records["label_id"].to_numpy()
+    _check_labels(y, n_classes)
+    present = np.unique(y)
+    weights = compute_class_weight("balanced", classes=present, y=y)
+    out = {c: 0.0 for c in range(n_classes)}
+    out.update({int(c): float(w) for c, w in zip(present, weights)})
+    return out
+
+
+def _check_labels(y: np.ndarray, n_classes: int) -> None:
+    if len(y) == 0:
+        raise ValueError("no records")
+    bad = sorted(set(np.unique(y).tolist()) - set(range(n_classes)))
+    if bad:
+        raise ValueError(f"label ids {bad} outside 0..{n_classes - 1} (drop ambiguous/unlocated patches first)")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _single_size(records: pd.DataFrame) -> int:
+    sizes = records["size"].unique()
+    if len(sizes) != 1:
+        raise ValueError(f"records mix window sizes {sorted(sizes)}; a pipeline takes one size")
+    return int(sizes[0])
+
+
+def film_stack(refnums: Sequence[str], films: FilmCache | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """The films `refnums` stacked into one uint8 array, and each refnum's index in it."""
+    films = films if films is not None else FilmCache()
+    order = sorted(set(refnums))
+    if not order:
+        raise ValueError("no films to load")
+    return np.stack([films.image(r) for r in order]), {r: i for i, r in enumerate(order)}
+
+
+def _windows(records: pd.DataFrame, films: FilmCache | None):
+    """Dataset of (uint8 window (size, size, 1), row index) sliced from the in-memory film stack."""
+    import tensorflow as tf
+
+    size = _single_size(records)
+    stack, index = film_stack(records["refnum"].tolist(), films)
+    stack_t = tf.constant(stack[..., None])
+    film_idx = records["refnum"].map(index).to_numpy(np.int32)
+    tops = records["top"].to_numpy(np.int32)
+    lefts = records["left"].to_numpy(np.int32)
+    if (tops < 0).any() or (lefts < 0).any() or (tops + size > stack.shape[1]).any() or (lefts + size > stack.shape[2]).any():
+        raise ValueError("some records fall outside their film")
+
+    def window(i, t, l, row):
+        return tf.slice(stack_t, tf.stack([i, t, l, 0]), [1, size, size, 1])[0], row
+
+    rows = np.arange(len(records), dtype=np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((film_idx, tops, lefts, rows))
+    return ds.map(window, num_parallel_calls=tf.data.AUTOTUNE), size
+
+
+def patch_dataset(
+    records: pd.DataFrame,
+    *,
+    training: bool = False,
+    batch_size: int = 32,
+    seed: int = 0,
+    augment_train: bool = True,
+    max_angle: float = 0.0,
+    balance: str | None = None,
+    cache: bool = True,
+    films: FilmCache | None = None,
+    n_classes: int = len(mias.CLASSES),
+) -> "tf.data.Dataset":
+    """Batches of (float32 patches (B, size, size, 1) in [0, 1], int32 labels (B,)) from patch records.
+
+    `training` shuffles (seeded, reshuffled every epoch) and, with `augment_train`, applies random
+    90-degree rotations, flips and, with `max_angle` > 0, arbitrary rotations. `balance="resample"`
+    (training only) draws the classes with equal probability via `sample_from_datasets`; an epoch
+    then has len(records) patches. For the other balancing option pass `class_weights(records)` to
+    `model.fit`.
+    """
+    import tensorflow as tf
+
+    if balance not in (None, "resample"):
+        raise ValueError(f"balance must be None or 'resample', got {balance!r}")
+    if balance and not training:
+        raise ValueError("balance='resample' is for training pipelines only")
+    labels = records["label_id"].to_numpy()
+    _check_labels(labels, n_classes)
+    ds, size = _windows(records, films)
+    labels_t = tf.constant(labels.astype(np.int32))
+    ds = ds.map(lambda x, row: (x, tf.gather(labels_t, row)), num_parallel_calls=tf.data.AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    if training:
+        if balance == "resample":
+            present = np.unique(labels)
+            per_class = [
+                ds.filter(lambda x, y, c=int(c): tf.equal(y, c)).shuffle(int((labels == c).sum()), seed=seed + int(c), reshuffle_each_iteration=True).repeat()
+                for c in present
+            ]
+            ds = tf.data.Dataset.sample_from_datasets(per_class, seed=seed, rerandomize_each_iteration=True).take(len(records))
+        else:
+            ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=tf.data.AUTOTUNE)
+    if training and augment_train:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (augment.tf_augment(xy[0], s, max_angle=max_angle), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    # Every map keeps order (deterministic by default), so the seed alone fixes the stream.
+    ds = ds.map(lambda x, y: (tf.ensure_shape(x, (size, size, 1)), y))
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def fold_datasets(
+    records: pd.DataFrame,
+    train_patients: Iterable[int],
+    val_patients: Iterable[int],
+    test_patients: Iterable[int],
+    films: FilmCache | None = None,
+    **kwargs,
+) -> dict[str, "tf.data.Dataset"]:
+    """Train (shuffled, augmented), validation and test pipelines of one fold from three disjoint patient sets."""
+    train_patients, val_patients, test_patients = ({int(p) for p in ids} for ids in (train_patients, val_patients, test_patients))
+    train, test = split_records(records, train_patients, test_patients)
+    val, _ = split_records(records, val_patients, train_patients | test_patients)
+    assert_no_patient_leak(train, val, test)
+    films = films if films is not None else FilmCache()
+    eval_kwargs = {k: v for k, v in kwargs.items() if k not in ("balance", "augment_train", "max_angle")}
+    return {
+        "train": patch_dataset(train, training=True, films=films, **kwargs),
+        "val": patch_dataset(val, training=False, films=films, **eval_kwargs),
+        "test": patch_dataset(test, training=False, films=films, **eval_kwargs),
+    }
+
+
+def crop_dataset(
+    crops: pd.DataFrame,
+    *,
+    training: bool = False,
+    batch_size: int = 8,
+    seed: int = 0,
+    augment_train: bool = True,
+    max_angle: float = 0.0,
+    max_boxes: int = 4,
+    cache: bool = True,
+    films: FilmCache | None = None,
+) -> "tf.data.Dataset":
+    """Batches of (float32 crops (B, S, S, 1), {"boxes": (B, max_boxes, 4) normalised, "labels": (B, max_boxes)}).
+
+    Boxes come from `patches.detection_crops` records, normalised by the crop size (model side);
+    padding rows have box zeros and label 0 (background). Augmentation moves boxes with the image.
+    """
+    import tensorflow as tf
+
+    n_boxes = crops["boxes"].map(len)
+    if (n_boxes > max_boxes).any():
+        raise ValueError(f"a crop holds {int(n_boxes.max())} boxes, more than max_boxes={max_boxes}")
+    size = _single_size(crops)
+    boxes = np.zeros((len(crops), max_boxes, 4), np.float32)
+    labels = np.zeros((len(crops), max_boxes), np.int32)
+    for i, (b, l) in enumerate(zip(crops["boxes"], crops["box_labels"])):
+        if len(b):
+            boxes[i, : len(b)] = np.asarray(b, np.float32)
+            labels[i, : len(l)] = l
+    ds, _ = _windows(crops, films)
+    boxes_t, labels_t = tf.constant(boxes), tf.constant(labels)
+    ds = ds.map(lambda x, row: (x, tf.gather(boxes_t, row), tf.gather(labels_t, row)), num_parallel_calls=tf.data.AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(len(crops), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda x, b, l: (tf.cast(x, tf.float32) / 255.0, b, l), num_parallel_calls=tf.data.AUTOTUNE)
+    if training and augment_train:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+        def aug(xbl, s):
+            x, b, l = xbl
+            x2, b2 = augment.tf_augment_with_boxes(x, b, s, max_angle=max_angle)
+            # Padding rows must stay zero whatever the transform did to them.
+            return x2, b2 * tf.cast(l > 0, tf.float32)[:, None], l
+
+        ds = tf.data.Dataset.zip((ds, seeds)).map(aug, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda x, b, l: (tf.ensure_shape(x, (size, size, 1)), {"boxes": b / float(size), "labels": l}),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
