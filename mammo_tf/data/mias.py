@@ -30,6 +30,7 @@ ABNORMALITIES = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM", "NORM")
 SEVERITIES = {"B": "benign", "M": "malignant"}
 MANIFEST = Path(__file__).with_name("mias_sha256.txt")
 _VERIFIED_MARKER = ".mammo_tf_verified"
+_VERIFIED_IN_PROCESS: dict[Path, int] = {}
 
 COLUMNS = (
     "refnum", "patient_id", "side", "tissue", "abnormality", "severity",
@@ -320,10 +321,15 @@ def fetch(data: str | os.PathLike | None = None, verify_hashes: bool = False) ->
     folder = root / "all-mias"
     marker = folder / _VERIFIED_MARKER
     if marker.is_file() and marker.read_text().strip() == ARCHIVE_SHA256:
+        # Checked once per process: a per-film call must not re-stat 322 files.
+        if not verify_hashes and _VERIFIED_IN_PROCESS.get(folder) == marker.stat().st_mtime_ns:
+            return folder
         try:
-            return verify_folder(folder, check_hashes=verify_hashes)
+            verify_folder(folder, check_hashes=verify_hashes)
+            _VERIFIED_IN_PROCESS[folder] = marker.stat().st_mtime_ns
+            return folder
         except MiasError:
-            pass  # a damaged cache is rebuilt from the archive below
+            _VERIFIED_IN_PROCESS.pop(folder, None)  # a damaged cache is rebuilt from the archive below
     import keras
 
     root.mkdir(parents=True, exist_ok=True)
@@ -339,6 +345,7 @@ def fetch(data: str | os.PathLike | None = None, verify_hashes: bool = False) ->
     safe_extract(archive, folder)
     verify_folder(folder, check_hashes=True)
     (folder / _VERIFIED_MARKER).write_text(ARCHIVE_SHA256 + "\n")
+    _VERIFIED_IN_PROCESS[folder] = marker.stat().st_mtime_ns
     return folder
 
 
