@@ -55,6 +55,7 @@ class ClassifierExperiment:
     normal_per_abnormal: float | None = 3.0   # subsample normal training patches to this ratio
     balance: str = "class_weight"             # class_weight | resample | none
     max_angle: float = 0.0
+    epoch_repeats: int = 1                    # passes over the (augmented) training patches per epoch
     max_films: int | None = None              # small setting: a subset of patients
     leakage_audit: bool = False
     model: dict = field(default_factory=dict)  # mammo_tf.models.classifier.ClassifierConfig
@@ -145,6 +146,7 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     kw = dict(batch_size=tcfg.batch_size, films=films)
     train_ds = pipelines.patch_dataset(train, training=True, seed=exp.seed + k, max_angle=exp.max_angle,
                                        balance="resample" if exp.balance == "resample" else None, **kw)
+    train_ds = train_ds.repeat(exp.epoch_repeats)
     val_ds = pipelines.patch_dataset(val, training=False, **kw)
     weights = pipelines.class_weights(train) if exp.balance == "class_weight" else None
     fold_dir = out / f"fold{k}"

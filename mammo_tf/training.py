@@ -107,7 +107,7 @@ def fit(
         model.compile(optimizer=make_optimizer(cfg), **compile_kwargs())
     out = Path(out_dir)
     model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=class_weight,
+        train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=class_weight, shuffle=False,
         callbacks=callbacks(out, cfg, monitor if val_ds is not None else monitor.removeprefix("val_"), mode),
         verbose=verbose,
     )

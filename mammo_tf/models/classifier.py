@@ -21,8 +21,13 @@ Why this layout:
 * The depthwise-separable layers are the last two: on the first layers, with 1 and 32 input
   channels, a separable convolution saves almost nothing (a depthwise filter over one grey
   channel is a single 2-D filter), whereas on the wide layers it divides the weights by ~8.
-* Batch normalisation after each convolution (``batch_norm=True``, the convolution then has no
-  bias) keeps the un-normalised ``[0, 1]`` input and the strided stack trainable from scratch.
+* Normalisation after each convolution (the convolution then has no bias) keeps the
+  un-normalised ``[0, 1]`` input and the strided stack trainable from scratch. The default is
+  ``norm="group"`` (GroupNormalization, 8 groups): on mini-MIAS patches, with a few hundred
+  training patches, BatchNorm's moving statistics lagged the batch statistics so much that a
+  network that had fitted its training set (loss 0.23) scored 0.67 accuracy on that same set in
+  inference mode; GroupNorm computes the same thing in training and inference (0.96, measured on
+  fold 0). ``norm="batch"`` and ``"none"`` remain available.
 
 The network expects inputs in ``[0, 1]`` (the data pipeline divides uint8 pixels by 255).
 """
@@ -50,7 +55,8 @@ class ClassifierConfig:
     strides: tuple[int, ...] = (2, 2, 2, 2)
     separable: bool = True
     separable_layers: tuple[int, ...] = (2, 3)
-    batch_norm: bool = True
+    norm: str = "group"        # group | batch | none (see the module docstring)
+    norm_groups: int = 8
     dropout: float = 0.3
     pooling: str = "avg"
     l2: float = 0.0
@@ -77,6 +83,10 @@ class ClassifierConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("batch", "group", "none"):
+            raise ValueError(f"norm must be 'batch', 'group' or 'none', got {self.norm!r}")
+        if self.norm == "group" and any(f % self.norm_groups for f in self.filters):
+            raise ValueError(f"norm_groups {self.norm_groups} must divide every filter count {self.filters}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
         if self.l2 < 0:
@@ -114,7 +124,7 @@ def _conv_layers(config: ClassifierConfig, index: int) -> list[keras.layers.Laye
         kernel_size=config.kernel_sizes[index],
         strides=config.strides[index],
         padding="same",
-        use_bias=not config.batch_norm,
+        use_bias=config.norm == "none",
         name=f"conv{i}",
     )
     if config.is_separable(index):
@@ -124,8 +134,10 @@ def _conv_layers(config: ClassifierConfig, index: int) -> list[keras.layers.Laye
     else:
         conv = keras.layers.Conv2D(kernel_regularizer=reg, **common)
     out: list[keras.layers.Layer] = [conv]
-    if config.batch_norm:
+    if config.norm == "batch":
         out.append(keras.layers.BatchNormalization(name=f"bn{i}"))
+    elif config.norm == "group":
+        out.append(keras.layers.GroupNormalization(groups=config.norm_groups, name=f"bn{i}"))
     out.append(keras.layers.ReLU(name=f"relu{i}"))
     return out
 
@@ -159,7 +171,7 @@ def _stack_layer_names(config: ClassifierConfig) -> list[str]:
     names = []
     for i in range(1, len(config.filters) + 1):
         names.append(f"conv{i}")
-        if config.batch_norm:
+        if config.norm != "none":
             names.append(f"bn{i}")
     return names
 
@@ -256,7 +268,9 @@ def infer_config(model: keras.Model) -> ClassifierConfig:
         strides=tuple(int(c.strides[0]) for c in convs),
         separable=bool(separable),
         separable_layers=tuple(separable) if separable else (2, 3),
-        batch_norm="bn1" in names,
+        norm=("none" if "bn1" not in names else
+              "group" if isinstance(model.get_layer("bn1"), keras.layers.GroupNormalization) else "batch"),
+        norm_groups=int(getattr(model.get_layer("bn1"), "groups", 8)) if "bn1" in names else 8,
         dropout=float(model.get_layer("dropout").rate) if "dropout" in names else 0.0,
         pooling="max" if isinstance(pool, keras.layers.GlobalMaxPooling2D) else "avg",
         l2=float(reg.l2) if reg is not None else 0.0,

@@ -1,0 +1,830 @@
+"""The SSD detection experiment on mini-MIAS: data, training, evaluation and inference.
+
+Two protocols (``DetectorExperiment.protocol``):
+
+* ``"crops"``: the poster's protocol. Square crops at full resolution are cut around every
+  located lesion (plus crops of normal films), and the test set is made the same way. The crop
+  position is chosen knowing where the lesion is, so **the test crops give the lesion location
+  away**: the numbers are not those of a screening setting. Every output says so.
+* ``"whole"``: no prior information. Every film (normal films included) is cropped to its
+  breast's bounding box, padded to a square and resized (:func:`mammo_tf.patches.prepare_whole`);
+  detections are mapped back to film pixels and evaluated there.
+
+Splits are over patients (``docs/conventions.md``), except with ``naive_split: true``: the
+leakage audit, a random split of the (augmented) crops or of the films, labelled **LEAKY**.
+Films with an unlocated lesion (mdb059, mdb216, mdb233, mdb245) are left out of both protocols:
+their lesion cannot be placed, so they could be neither trained on nor scored.
+
+Outputs of :func:`run_experiment` in ``out_dir``: ``metrics.json`` (per-fold metrics, mean ± std,
+the oracle baseline, report rows), ``model.keras`` + ``config.json`` (the fold-0 model, for
+:func:`detect_images`), figures ``*.png``, ``folds/fold<k>/`` (each fold's model, checkpoints,
+logs), and ``images/`` (detections drawn on licensed films; git-ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mammo_tf import patches as P
+from mammo_tf.config import ConfigError, from_dict, load_config, provenance
+from mammo_tf.data import mias
+from mammo_tf.io import atomic_path, load_json, save_figure, save_json
+
+PROTOCOLS = ("crops", "whole")
+CLASS_NAMES = {1: "benign", 2: "malignant"}
+# The poster's published numbers: the only hard-coded results, shown as a labelled reference.
+POSTER_REFERENCE = {"benign": 0.80, "malignant": 0.806, "mAP": 0.803}
+POSTER_NOTE = "reported by the poster (crops around lesions), not reproduced here"
+CROPS_NOTE = (
+    "crops protocol: test crops are cut around the lesions (plus normal crops), so the lesion "
+    "location is given away; not a screening setting"
+)
+WHOLE_NOTE = "whole films, no prior location: breast-cropped, downsampled, normal films included"
+LEAKY_NOTE = "LEAKY: random split of samples instead of by patient (leakage audit only)"
+ORACLE_NOTE = "reference: every ground-truth box found exactly, class and score random"
+CROPS_MODEL_WARNING = (
+    "this model was trained on full-resolution crops around lesions (crops protocol); whole films "
+    "downsampled for inference are outside what it has seen"
+)
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass
+class DetectorExperiment:
+    """One detection experiment; ``ssd`` is an SSDConfig dict, ``train`` a TrainConfig dict.
+
+    ``image_size``: the model's input side; for ``"crops"`` the crop side in film pixels (full
+    resolution), for ``"whole"`` the side the breast-cropped film is resized to. ``iou_threshold``
+    is the evaluation's; ``match_iou`` the training's default-box matching threshold.
+    ``score_threshold``, ``nms_iou_threshold``, ``max_per_class``, ``max_total``: the NMS of
+    :func:`mammo_tf.boxes.decode_detections`. ``naive_split``: the leakage audit (LEAKY).
+    """
+
+    name: str = "detector"
+    protocol: str = "whole"
+    image_size: int = 300
+    ssd: dict = dataclasses.field(default_factory=dict)
+    train: dict = dataclasses.field(default_factory=dict)
+    folds: int = 5
+    max_folds: int | None = None          # run only the first folds (small setting)
+    max_patients: int | None = None       # stratified subset of patients (small setting)
+    val_fraction: float = 0.2             # of each fold's training patients; 0 = no validation
+    iou_threshold: float = 0.5            # evaluation: detection matches ground truth
+    match_iou: float = 0.5                # training: default box matches ground truth
+    score_threshold: float = 0.01
+    nms_iou_threshold: float = 0.45
+    max_per_class: int = 100
+    max_total: int = 200
+    neg_pos_ratio: float = 3.0
+    min_negatives: int = 0
+    augment: bool = True
+    max_angle: float = 0.0
+    crops_per_lesion: int = 1
+    n_normal: int | None = None           # crops protocol: normal crops in all (None: one per normal film)
+    naive_split: bool = False
+    n_examples: int = 6
+    seed: int = 0
+    data: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not 32 <= int(self.image_size) <= mias.IMAGE_SIZE:
+            raise ConfigError(f"image_size must be in 32..{mias.IMAGE_SIZE}, got {self.image_size}")
+        if self.folds < 2:
+            raise ConfigError(f"folds must be >= 2, got {self.folds}")
+        if self.max_folds is not None and not 1 <= self.max_folds <= self.folds:
+            raise ConfigError(f"max_folds must be in 1..{self.folds}, got {self.max_folds}")
+        if self.max_patients is not None and self.max_patients < self.folds:
+            raise ConfigError(f"max_patients ({self.max_patients}) must be >= folds ({self.folds})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for key in ("iou_threshold", "match_iou", "nms_iou_threshold"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.score_threshold < 1.0:
+            raise ConfigError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
+        if self.crops_per_lesion < 1:
+            raise ConfigError(f"crops_per_lesion must be >= 1, got {self.crops_per_lesion}")
+        if "image_size" in self.ssd and int(self.ssd["image_size"]) != int(self.image_size):
+            raise ConfigError(f"ssd.image_size ({self.ssd['image_size']}) differs from image_size ({self.image_size})")
+        self.ssd_config()  # validate the nested configs now, not after the data is loaded
+        self.train_config()
+
+    def ssd_config(self) -> Any:
+        """The SSDConfig (image size taken from the experiment)."""
+        from mammo_tf.models.ssd import SSDConfig
+
+        try:
+            return SSDConfig.from_dict({**self.ssd, "image_size": int(self.image_size)})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{self.name}: bad ssd config: {err}") from err
+
+    def train_config(self) -> Any:
+        """The TrainConfig (seed defaults to the experiment's)."""
+        from mammo_tf.training import TrainConfig
+
+        return from_dict(TrainConfig, {"seed": self.seed, **self.train})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``from_dict(DetectorExperiment, d)`` inverts it)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @property
+    def n_folds_run(self) -> int:
+        """How many folds are trained and evaluated."""
+        return self.max_folds or self.folds
+
+
+def load_experiment(path: str | Path) -> DetectorExperiment:
+    """Read a detector experiment from a YAML file (unknown keys are an error)."""
+    return from_dict(DetectorExperiment, load_config(path))
+
+
+# --------------------------------------------------------------------------- samples and folds
+
+
+@dataclasses.dataclass
+class Samples:
+    """The experiment's samples: one record per crop or prepared film, and the films to slice them from."""
+
+    records: pd.DataFrame                 # refnum, patient_id, top, left, size, boxes, box_labels (pixels)
+    films: P.FilmCache                    # raw films (crops) or prepared squares (whole)
+    transforms: dict[str, P.WholeTransform]  # whole protocol: film pixels <-> prepared pixels
+    excluded: list[str]                   # films left out (unlocated lesions)
+    annotations: pd.DataFrame             # the annotations of the films used
+
+
+@dataclasses.dataclass
+class Fold:
+    """Train, validation and test records of one fold."""
+
+    index: int
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    leaky: bool = False
+    stratified_val: bool = True
+
+
+def usable_annotations(annotations: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Drop films with an unlocated lesion (they can be neither trained on nor scored); return them too."""
+    images = mias.images_table(annotations)
+    bad = sorted(images.loc[images["n_located"] < images["n_lesions"], "refnum"])
+    return annotations[~annotations["refnum"].isin(bad)].reset_index(drop=True), bad
+
+
+def subset_patients(annotations: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
+    """The annotations of ``n`` patients drawn stratified by patient label (all when ``n`` is None)."""
+    from sklearn.model_selection import train_test_split
+
+    from mammo_tf.data.splits import patient_table
+
+    patients = patient_table(annotations)
+    if n is None or n >= len(patients):
+        return annotations
+    ids, labels = patients["patient_id"].to_numpy(), patients["label_id"].to_numpy()
+    try:
+        chosen, _ = train_test_split(ids, train_size=n, random_state=seed, stratify=labels)
+    except ValueError:  # too few patients to keep every class: an unstratified draw
+        chosen, _ = train_test_split(ids, train_size=n, random_state=seed)
+    return annotations[annotations["patient_id"].isin(chosen)].reset_index(drop=True)
+
+
+def whole_records(
+    annotations: pd.DataFrame, size: int, load_image: Any = None
+) -> tuple[pd.DataFrame, P.FilmCache, dict[str, P.WholeTransform]]:
+    """One record per film, prepared by `prepare_whole` (boxes in prepared pixels), and the prepared films."""
+    load = load_image or P.film_loader()
+    images, transforms, rows = {}, {}, []
+    for info in mias.images_table(annotations).itertuples():
+        boxes, labels = mias.lesion_boxes(annotations, info.refnum)
+        prepared, pboxes, transform = P.prepare_whole(load(info.refnum), boxes, size=size)
+        images[info.refnum], transforms[info.refnum] = prepared, transform
+        rows.append((info.refnum, int(info.patient_id), 0, 0, size, "film", np.round(pboxes, 2).tolist(),
+                     labels.tolist()))
+    records = pd.DataFrame(rows, columns=["refnum", "patient_id", "top", "left", "size", "kind", "boxes", "box_labels"])
+    return records, P.FilmCache(load_image=images.__getitem__), transforms
+
+
+def make_samples(exp: DetectorExperiment, annotations: pd.DataFrame | None = None) -> Samples:
+    """The experiment's samples: detection crops (crops protocol) or prepared whole films."""
+    ann = annotations if annotations is not None else mias.load_annotations(exp.data)
+    ann, excluded = usable_annotations(ann)
+    ann = subset_patients(ann, exp.max_patients, exp.seed)
+    if exp.protocol == "whole":
+        records, films, transforms = whole_records(ann, exp.image_size, P.film_loader(exp.data))
+        return Samples(records, films, transforms, excluded, ann)
+    films = P.FilmCache(load_image=P.film_loader(exp.data))
+    records = P.detection_crops(ann, exp.image_size, crops_per_lesion=exp.crops_per_lesion, n_normal=exp.n_normal,
+                                seed=exp.seed, films=films)
+    return Samples(records, films, {}, excluded, ann)
+
+
+def _train_val(annotations: pd.DataFrame, patients: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(train patients, val patients, stratified?): `train_val_split`, or a plain random split when a class is too small."""
+    from sklearn.model_selection import train_test_split
+
+    from mammo_tf.data.splits import train_val_split
+
+    if fraction == 0:
+        return np.sort(patients), patients[:0], True
+    try:
+        tr, va = train_val_split(annotations, patients, fraction, seed)
+        return tr, va, True
+    except ValueError:  # tiny subsets: a class cannot appear on both sides
+        tr, va = train_test_split(np.asarray(patients), test_size=fraction, random_state=seed)
+        return np.sort(tr), np.sort(va), False
+
+
+def make_folds(exp: DetectorExperiment, samples: Samples) -> list[Fold]:
+    """The experiment's folds: `patient_folds` (stratified by patient label), or naive (LEAKY) over records."""
+    from sklearn.model_selection import KFold, train_test_split
+
+    from mammo_tf.data.splits import patient_folds
+    from mammo_tf.pipelines import assert_no_patient_leak
+
+    records = samples.records
+    folds: list[Fold] = []
+    if exp.naive_split:
+        # The leakage audit: samples, not patients, are split (crops of one lesion land on both sides).
+        kfold = KFold(n_splits=exp.folds, shuffle=True, random_state=exp.seed)
+        for k, (train_rows, test_rows) in enumerate(kfold.split(np.arange(len(records)))):
+            if k >= exp.n_folds_run:
+                break
+            tr, va = (train_test_split(train_rows, test_size=exp.val_fraction, random_state=exp.seed + k)
+                      if exp.val_fraction else (train_rows, train_rows[:0]))
+            pick = lambda rows: records.iloc[np.sort(rows)].reset_index(drop=True)  # noqa: E731
+            folds.append(Fold(k, pick(tr), pick(va), pick(test_rows), leaky=True))
+        return folds
+    ann = samples.annotations
+    for k, (train_patients, test_patients) in enumerate(patient_folds(ann, exp.folds, exp.seed)):
+        if k >= exp.n_folds_run:
+            break
+        tr, va, stratified = _train_val(ann, train_patients, exp.val_fraction, exp.seed + k)
+        pick = lambda p: records[records["patient_id"].isin(p)].reset_index(drop=True)  # noqa: E731
+        fold = Fold(k, pick(tr), pick(va), pick(test_patients), stratified_val=stratified)
+        assert_no_patient_leak(fold.train, fold.val, fold.test)
+        if fold.train.empty or fold.test.empty:
+            raise ValueError(f"fold {k} has no training or no test samples: use more patients")
+        folds.append(fold)
+    return folds
+
+
+# --------------------------------------------------------------------------- tf.data
+
+
+def _max_boxes(records: pd.DataFrame) -> int:
+    return max(1, int(records["boxes"].map(len).max())) if len(records) else 1
+
+
+def image_dataset(records: pd.DataFrame, films: P.FilmCache, batch_size: int, channels: int = 1) -> Any:
+    """Batches of model-ready images (B, S, S, C) float32 in [0, 1], in record order (no targets)."""
+    from mammo_tf.pipelines import crop_dataset
+
+    ds = crop_dataset(records, training=False, batch_size=batch_size, max_boxes=_max_boxes(records), films=films)
+    return ds.map(lambda x, y: _channels(x, channels))
+
+
+def _channels(x: Any, channels: int) -> Any:
+    import tensorflow as tf
+
+    return tf.image.grayscale_to_rgb(x) if channels == 3 else x
+
+
+def detection_dataset(
+    records: pd.DataFrame,
+    films: P.FilmCache,
+    anchor_cfg: Any,
+    *,
+    training: bool,
+    batch_size: int,
+    seed: int = 0,
+    augment: bool = True,
+    max_angle: float = 0.0,
+    match_iou: float = 0.5,
+    variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+    channels: int = 1,
+) -> Any:
+    """Batches of ``(image (B, S, S, C) float32 [0, 1], {"cls": (B, N), "loc": (B, N, 4)})`` SSD targets.
+
+    Images and boxes come from :func:`mammo_tf.pipelines.crop_dataset` (boxes normalised by the
+    image size, moved with the image by the training augmentation); each image's boxes are then
+    matched to the default boxes by :func:`mammo_tf.models.ssd.ssd_targets_fn`.
+    """
+    import tensorflow as tf
+
+    from mammo_tf.models.ssd import ssd_targets_fn
+    from mammo_tf.pipelines import crop_dataset
+
+    if records.empty:
+        raise ValueError("no records for a detection dataset")
+    targets = ssd_targets_fn(anchor_cfg, match_iou, variances)
+    ds = crop_dataset(records, training=training, batch_size=1, seed=seed, augment_train=augment,
+                      max_angle=max_angle, max_boxes=_max_boxes(records), films=films)
+
+    def to_targets(x: tf.Tensor, y: dict) -> tuple:
+        b, lab = y["boxes"], y["labels"]
+        # Padding rows (label 0), and any box a rotation squeezed flat, are not ground truth.
+        keep = (lab > 0) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        return targets(_channels(x, channels), tf.boolean_mask(b, keep), tf.boolean_mask(lab, keep))
+
+    ds = ds.unbatch().map(to_targets, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    # unbatch() forgets the length; Keras needs it to size epochs without a "ran out of data" stop.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(records) / batch_size)))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------- model and training
+
+
+def _trainer_class() -> type:
+    """The Keras model that trains an SSD with MultiBoxLoss on dict targets (built lazily: imports Keras)."""
+    import keras
+    import tensorflow as tf
+
+    class SSDTrainer(keras.Model):
+        """Wraps the functional SSD; ``compute_loss`` hands the dict targets and outputs to MultiBoxLoss.
+
+        Keras' compiled losses route one loss per output, which cannot feed the two-output dict
+        ``{"cls", "loc"}`` to one loss; only the wrapped functional model is ever saved.
+        """
+
+        def __init__(self, ssd: keras.Model, loss: Any, **kwargs: Any) -> None:
+            super().__init__(name=f"{ssd.name}_trainer", **kwargs)
+            self.ssd = ssd
+            self.multibox = loss
+            self.cls_loss = keras.metrics.Mean(name="cls_loss")
+            self.loc_loss = keras.metrics.Mean(name="loc_loss")
+            self.built = True  # the wrapped SSD is built (BackupAndRestore needs weights before fit)
+
+        def call(self, inputs: Any, training: bool = False) -> Any:
+            return self.ssd(inputs, training=training)
+
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):  # noqa: ANN001
+            parts = self.multibox.components(y, y_pred)
+            # Weighted by batch size as Keras weights its loss tracker, so that cls + alpha loc = loss.
+            n = keras.ops.shape(y["cls"])[0]
+            self.cls_loss.update_state(parts["cls"], sample_weight=n)
+            self.loc_loss.update_state(parts["loc"], sample_weight=n)
+            total = parts["total"]
+            if self.losses:  # the layers' regularisation losses (e.g. the cnn backbone's l2)
+                total = total + keras.ops.sum([keras.ops.cast(v, "float32") for v in self.losses])
+            # Under tf.distribute Keras sums the replicas' gradients (and un-scales its loss tracker),
+            # so each replica returns its share, as Keras' own losses do.
+            return total / tf.distribute.get_strategy().num_replicas_in_sync
+
+    return SSDTrainer
+
+
+def anchor_config(ssd_cfg: Any) -> Any:
+    """The default-box configuration of an SSD config (built once with random weights, cheap)."""
+    from mammo_tf.models.ssd import build_ssd
+
+    return build_ssd(dataclasses.replace(ssd_cfg, weights="random"))[1]
+
+
+def save_detector(model: Any, exp: DetectorExperiment, anchor_cfg: Any, model_dir: str | Path, **extra: Any) -> Path:
+    """Write ``model.keras`` and ``config.json`` (experiment, SSDConfig, anchors) atomically."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(model_dir / MODEL_FILE, suffix=".keras") as tmp:
+        model.save(tmp)
+    cfg = {"experiment": exp.to_dict(), "ssd": exp.ssd_config().to_dict(), "anchors": anchor_cfg.to_dict(),
+           "classes": {str(k): v for k, v in CLASS_NAMES.items()}, **extra}
+    save_json(model_dir / CONFIG_FILE, cfg)
+    return model_dir
+
+
+def load_detector(model_dir: str | Path) -> tuple[Any, DetectorExperiment, Any]:
+    """(model, experiment, anchor config) of a saved detector; the model is loaded in Keras safe mode."""
+    from mammo_tf.anchors import AnchorConfig
+    from mammo_tf.models.ssd import load_ssd
+
+    model_dir = Path(model_dir)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"{model_dir}: no {name} (not a trained detector folder)")
+    cfg = load_json(model_dir / CONFIG_FILE)
+    exp = from_dict(DetectorExperiment, cfg["experiment"])
+    anchors = AnchorConfig.from_dict(cfg["anchors"])
+    model = load_ssd(model_dir / MODEL_FILE)
+    n_out = int(model.output["cls_logits"].shape[1]) if isinstance(model.output, dict) else None
+    if n_out is not None and n_out != anchors.num_anchors:
+        raise ValueError(f"{model_dir}: the model predicts {n_out} boxes but config.json has {anchors.num_anchors} anchors")
+    return model, exp, anchors
+
+
+def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: str | Path, verbose: int | str = 0) -> dict:
+    """Train one fold (resumable) and save its model; returns the history and timing."""
+    import keras
+
+    from mammo_tf import training
+    from mammo_tf.losses import MultiBoxLoss
+    from mammo_tf.models.ssd import build_ssd
+
+    fold_dir = Path(fold_dir)
+    ssd_cfg, tcfg = exp.ssd_config(), exp.train_config()
+    previous = keras.mixed_precision.global_policy().name
+    precision = training.set_precision(tcfg.mixed_precision)
+    try:
+        anchors = anchor_config(ssd_cfg)
+        common = dict(batch_size=tcfg.batch_size, match_iou=exp.match_iou, variances=ssd_cfg.variances,
+                      channels=ssd_cfg.input_channels)
+        train_ds = detection_dataset(fold.train, samples.films, anchors, training=True, seed=tcfg.seed + fold.index,
+                                     augment=exp.augment, max_angle=exp.max_angle, **common)
+        val_ds = (detection_dataset(fold.val, samples.films, anchors, training=False, **common)
+                  if len(fold.val) else None)
+        trainer_cls = _trainer_class()
+        loss = MultiBoxLoss(neg_pos_ratio=exp.neg_pos_ratio, min_negatives=exp.min_negatives)
+        t0 = time.perf_counter()
+        trainer, history = training.fit(lambda: trainer_cls(build_ssd(ssd_cfg)[0], loss), lambda: {}, train_ds, val_ds,
+                                        tcfg, fold_dir, verbose=verbose)
+        seconds = time.perf_counter() - t0
+        save_detector(trainer.ssd, exp, anchors, fold_dir, fold=fold.index, precision=precision,
+                      train_refnums=sorted(set(fold.train["refnum"])), leaky=fold.leaky)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    epochs = len(history) if len(history) else tcfg.epochs
+    if len(history):
+        save_figure(_training_curves(history, f"fold {fold.index}"), fold_dir / "training_curves.png")
+    # Wall-clock rate of the whole fit (graph tracing and validation included).
+    return {"seconds": seconds, "epochs": epochs, "n_train": len(fold.train), "n_val": len(fold.val),
+            "train_images_per_s": len(fold.train) * epochs / seconds, "precision": precision}
+
+
+def _training_curves(history: pd.DataFrame, title: str) -> Any:
+    from mammo_tf.plots.classification import plot_training_curves
+
+    return plot_training_curves(history, title=title)
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def predict_batches(model: Any, batches: Iterable[Any], anchor_cfg: Any, exp: DetectorExperiment) -> list[dict]:
+    """Detections per image (boxes normalised, labels 1/2, scores) for an iterable of image batches."""
+    from mammo_tf.anchors import default_boxes
+    from mammo_tf.boxes import decode_detections
+
+    anchors = default_boxes(anchor_cfg)
+    variances = exp.ssd_config().variances
+    out: list[dict] = []
+    for batch in batches:
+        pred = model(batch, training=False)
+        det = decode_detections(pred["cls_logits"], pred["box_offsets"], anchors, score_threshold=exp.score_threshold,
+                                iou_threshold=exp.nms_iou_threshold, max_per_class=exp.max_per_class,
+                                max_total=exp.max_total, variances=variances)
+        det = {k: np.asarray(v) for k, v in det.items()}
+        for i, n in enumerate(det["num_detections"]):
+            out.append({"boxes": det["boxes"][i, :n].astype(np.float64), "labels": det["classes"][i, :n].astype(np.int64),
+                        "scores": det["scores"][i, :n].astype(np.float64)})
+    return out
+
+
+def to_original_pixels(boxes: np.ndarray, transform: P.WholeTransform, image_shape: Sequence[int]) -> np.ndarray:
+    """Normalised boxes on a prepared whole film -> pixel boxes on the original film (clipped to it)."""
+    pixels = transform.to_original(np.asarray(boxes, np.float64).reshape(-1, 4) * transform.size)
+    h, w = image_shape[:2]
+    return np.clip(pixels, 0, [h, w, h, w])
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _ground_truth(exp: DetectorExperiment, records: pd.DataFrame, annotations: pd.DataFrame) -> list[dict]:
+    """Per record: ground-truth boxes in evaluation pixels (crop pixels, or original film pixels)."""
+    if exp.protocol == "whole":
+        out = []
+        for r in records["refnum"]:
+            b, lab = mias.lesion_boxes(annotations, r)
+            out.append({"boxes": b.astype(np.float64), "labels": lab.astype(np.int64)})
+        return out
+    return [{"boxes": np.asarray(b, np.float64).reshape(-1, 4), "labels": np.asarray(lab, np.int64)}
+            for b, lab in zip(records["boxes"], records["box_labels"])]
+
+
+def _to_eval_pixels(exp: DetectorExperiment, samples: Samples, records: pd.DataFrame, dets: list[dict]) -> list[dict]:
+    out = []
+    for r, d in zip(records["refnum"], dets):
+        if exp.protocol == "whole":
+            boxes = to_original_pixels(d["boxes"], samples.transforms[r], (mias.IMAGE_SIZE, mias.IMAGE_SIZE))
+        else:
+            boxes = d["boxes"] * exp.image_size
+        out.append({**d, "boxes": boxes})
+    return out
+
+
+def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_threshold: float = 0.5) -> tuple[dict, dict, dict]:
+    """(flat scalar metrics, evaluate_detections result, froc result) of one set of images."""
+    from mammo_tf.metrics.detection import evaluate_detections, froc, sensitivity_at_fp
+
+    ev = evaluate_detections(ground_truths, detections, iou_threshold=iou_threshold)
+    fr = froc(ground_truths, detections)
+    # The centre criterion is lenient to large boxes (on a lesion-centred crop, any big central box
+    # hits): the IoU criterion is kept beside it.
+    fr_iou = froc(ground_truths, detections, criterion="iou", iou_threshold=iou_threshold)
+    flat = {
+        "benign_ap": ev["classes"]["benign"]["ap_all_point"],
+        "malignant_ap": ev["classes"]["malignant"]["ap_all_point"],
+        "map": ev["map_all_point"],
+        "benign_ap_11": ev["classes"]["benign"]["ap_11_point"],
+        "malignant_ap_11": ev["classes"]["malignant"]["ap_11_point"],
+        "map_11": ev["map_11_point"],
+        "sens_at_1fp": sensitivity_at_fp(fr, 1.0),
+        "froc_mean_sensitivity": fr["mean_sensitivity"],
+        "sens_at_1fp_iou": sensitivity_at_fp(fr_iou, 1.0),
+        "froc_iou_mean_sensitivity": fr_iou["mean_sensitivity"],
+        "n_images": len(ground_truths),
+        "n_benign": ev["classes"]["benign"]["n_gt"],
+        "n_malignant": ev["classes"]["malignant"]["n_gt"],
+    }
+    return flat, ev, fr
+
+
+ROW_VALUES = {"benign AP": "benign_ap", "malignant AP": "malignant_ap", "mAP": "map", "mAP (VOC07 11-pt)": "map_11",
+              "sens@1FP": "sens_at_1fp"}
+
+
+def _row_values(summary: dict) -> dict:
+    """Report cells: [mean, std] over folds, or the plain value when there is one fold."""
+    values = {}
+    for column, key in ROW_VALUES.items():
+        s = summary.get(key, {"mean": float("nan"), "n": 0})
+        values[column] = [s["mean"], s["std"]] if s["n"] > 1 else s["mean"]
+    return values
+
+
+def _hardware(prov: dict) -> str:
+    hw = prov["hardware"]
+    gpus = hw["gpus"] if isinstance(hw["gpus"], str) else ", ".join(hw["gpus"])
+    return f"{hw['cpu']} ({hw['cpu_count']} cores), GPU: {gpus}"
+
+
+def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: str | None = None,
+                        samples: Samples | None = None, annotations: pd.DataFrame | None = None,
+                        training_info: dict | None = None) -> dict:
+    """Evaluate every fold's saved model on its test set, beside the oracle baseline; write metrics and figures."""
+    from mammo_tf.baselines import oracle_boxes_random_class
+    from mammo_tf.metrics.classification import summarise_folds
+    from mammo_tf.plots import detection as dplots
+
+    out = Path(out_dir)
+    ann = annotations if annotations is not None else mias.load_annotations(exp.data)
+    samples = samples or make_samples(exp, ann)
+    folds = make_folds(exp, samples)
+    batch = exp.train_config().batch_size
+    fold_rows, model_metrics, base_metrics = [], [], []
+    pooled_gt, pooled_det, examples = [], [], []
+    for fold in folds:
+        fold_dir = out / "folds" / f"fold{fold.index}"
+        model, _, anchors = load_detector(fold_dir)
+        images = image_dataset(fold.test, samples.films, batch, exp.ssd_config().input_channels)
+        dets = _to_eval_pixels(exp, samples, fold.test, predict_batches(model, images, anchors, exp))
+        gts = _ground_truth(exp, fold.test, samples.annotations)
+        flat, ev, fr = detection_metrics(gts, dets, exp.iou_threshold)
+        base, _, _ = detection_metrics(gts, oracle_boxes_random_class(gts, seed=exp.seed + fold.index), exp.iou_threshold)
+        model_metrics.append(flat)
+        base_metrics.append(base)
+        pooled_gt += gts
+        pooled_det += dets
+        row = {"fold": fold.index, "leaky": fold.leaky, "stratified_val": fold.stratified_val,
+               "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
+               "train_patients": sorted(int(p) for p in set(fold.train["patient_id"])),
+               "val_patients": sorted(int(p) for p in set(fold.val["patient_id"])),
+               "test_patients": sorted(int(p) for p in set(fold.test["patient_id"])),
+               "model": flat, "oracle_boxes_random_class": base}
+        if training_info and fold.index in training_info:
+            row["training"] = training_info[fold.index]
+        elif (fold_dir / "training.json").is_file():
+            row["training"] = load_json(fold_dir / "training.json")
+        fold_rows.append(row)
+        save_figure(dplots.plot_pr_curves(ev), fold_dir / "pr_curves.png")
+        if fold.index == folds[0].index:
+            examples = _example_panels(exp, samples, fold.test, gts, dets)
+    summary = summarise_folds(model_metrics)
+    base_summary = summarise_folds(base_metrics)
+    pooled, pooled_ev, pooled_fr = detection_metrics(pooled_gt, pooled_det, exp.iou_threshold)
+
+    reference = {"benign": POSTER_REFERENCE["benign"], "malignant": POSTER_REFERENCE["malignant"],
+                 "mAP": POSTER_REFERENCE["mAP"]}
+    save_figure(dplots.plot_pr_curves(pooled_ev), out / "pr_curves.png")
+    save_figure(dplots.plot_ap_bars(pooled_ev, reference=reference, reference_label="poster (reported)"),
+                out / "ap_bars.png")
+    save_figure(dplots.plot_froc({"SSD": pooled_fr}), out / "froc.png")
+    log = out / "folds" / f"fold{folds[0].index}" / "training_log.csv"
+    if log.is_file() and log.stat().st_size:
+        save_figure(_training_curves(pd.read_csv(log), f"{exp.name}, fold {folds[0].index}"), out / "training_curves.png")
+    if examples:
+        # Detections drawn on the films are licensed derivatives: images/ is git-ignored.
+        save_figure(dplots.draw_detection_grid(examples), out / "images" / "detections.png")
+
+    prov = provenance(command)
+    metrics = {
+        "experiment": exp.to_dict(),
+        "protocol_note": CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE,
+        "leaky": exp.naive_split,
+        "excluded_films": samples.excluded,
+        "n_samples": len(samples.records),
+        "folds": fold_rows,
+        "summary": {"model": summary, "oracle_boxes_random_class": base_summary},
+        "pooled": pooled,
+        "results": _result_rows(exp, summary, base_summary, len(folds), prov),
+        "provenance": prov,
+    }
+    save_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: int, prov: dict) -> list[dict]:
+    cfg = exp.ssd_config()
+    split = LEAKY_NOTE if exp.naive_split else f"{n_folds} of {exp.folds} patient folds"
+    protocol = CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE
+    table = ("Detection (mini-MIAS, crops around lesions: location given)" if exp.protocol == "crops"
+             else "Detection (mini-MIAS, whole films: no prior location)")
+    common = {"table": table, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
+    name = f"SSD{exp.image_size} {cfg.backbone} ({cfg.weights})" + (" [LEAKY split]" if exp.naive_split else "")
+    return [
+        {**common, "row": name, "values": _row_values(summary),
+         "note": f"{protocol}; {split}; VOC AP at IoU >= {exp.iou_threshold:g}; FROC: box centre in lesion"},
+        {**common, "row": "Oracle boxes, random class", "values": _row_values(base), "note": f"{ORACLE_NOTE}; {split}"},
+        {**common, "row": "Poster (reference)",
+         "values": {"benign AP": POSTER_REFERENCE["benign"], "malignant AP": POSTER_REFERENCE["malignant"],
+                    "mAP": POSTER_REFERENCE["mAP"]},
+         "note": POSTER_NOTE},
+    ]
+
+
+def _example_panels(exp: DetectorExperiment, samples: Samples, records: pd.DataFrame, gts: list[dict],
+                    dets: list[dict], max_drawn: int = 5) -> list[dict]:
+    """Up to `n_examples` panels for `draw_detection_grid` (lesion samples first), each with its top detections."""
+    order = sorted(range(len(records)), key=lambda i: (len(gts[i]["boxes"]) == 0, i))[: exp.n_examples]
+    load = P.film_loader(exp.data) if exp.protocol == "whole" else None
+    panels = []
+    for i in order:
+        top = np.argsort(-dets[i]["scores"], kind="stable")[:max_drawn]  # an untrained model would bury the film
+        rec = records.iloc[i]
+        if exp.protocol == "whole":
+            image = load(rec["refnum"])
+        else:
+            image = P.cut(samples.films.image(rec["refnum"]), rec)
+        panels.append({"image": image, "gt_boxes": gts[i]["boxes"], "gt_labels": gts[i]["labels"],
+                       "det_boxes": dets[i]["boxes"][top], "det_labels": dets[i]["labels"][top],
+                       "det_scores": dets[i]["scores"][top], "title": f"{rec['refnum']}: {len(gts[i]['boxes'])} lesions, top {len(top)} detections"})
+    return panels
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def train_experiment(exp: DetectorExperiment, out_dir: str | Path, samples: Samples | None = None,
+                     annotations: pd.DataFrame | None = None, verbose: int | str = 0) -> dict[int, dict]:
+    """Train every fold (a fold whose model is saved is skipped; a killed fold resumes) and save fold 0's model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ann = annotations if annotations is not None else mias.load_annotations(exp.data)
+    samples = samples or make_samples(exp, ann)
+    info: dict[int, dict] = {}
+    folds = make_folds(exp, samples)
+    for fold in folds:
+        fold_dir = out / "folds" / f"fold{fold.index}"
+        stamp = fold_dir / "experiment.json"
+        if stamp.is_file() and load_json(stamp) != exp.to_dict():
+            # Another configuration trained here: its logs and backups must not leak into this run.
+            shutil.rmtree(fold_dir)
+        if (fold_dir / MODEL_FILE).is_file() and stamp.is_file():
+            continue  # trained already
+        save_json(stamp, exp.to_dict())
+        info[fold.index] = train_fold(exp, samples, fold, fold_dir, verbose=verbose)
+        save_json(fold_dir / "training.json", info[fold.index])
+    # The deployable model: fold 0's (trained on that fold's training patients only).
+    first = out / "folds" / f"fold{folds[0].index}"
+    for name in (MODEL_FILE, CONFIG_FILE):
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(first / name, tmp)
+    return info
+
+
+def run_experiment(exp: DetectorExperiment, out_dir: str | Path, command: str | None = None,
+                   verbose: int | str = 0) -> dict:
+    """Train all folds, evaluate them beside the oracle baseline, write metrics.json, figures and the model."""
+    from mammo_tf.training import set_seeds
+
+    set_seeds(exp.seed)
+    ann = mias.load_annotations(exp.data)
+    samples = make_samples(exp, ann)
+    info = train_experiment(exp, out_dir, samples, ann, verbose=verbose)
+    return evaluate_experiment(exp, out_dir, command, samples, ann, training_info=info)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def detect_images(paths: Sequence[str | Path], model_dir: str | Path, out_dir: str | Path,
+                  score_threshold: float = 0.5, batch_size: int = 8) -> list[dict]:
+    """Detect lesions on image files (PGM/PNG/JPEG/TIFF/DICOM); per image an overlay PNG and a JSON.
+
+    Each film is prepared as in the whole protocol (breast crop, square pad, resize) and the boxes
+    are mapped back to the file's pixel coordinates. Images go through the model ``batch_size``
+    at a time (one image is a batch of one). A file that cannot be read or prepared gets an
+    ``error`` entry and the others are still processed. Returns one dict per path, in order
+    (also written to ``out_dir/results.json``).
+    """
+    if not 0.0 <= score_threshold < 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1), got {score_threshold}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model, exp, anchors = load_detector(model_dir)
+    exp = dataclasses.replace(exp, score_threshold=score_threshold)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in paths]
+    names = _unique_names(paths)
+    results: list[dict] = []
+    for start in range(0, len(paths), batch_size):
+        results += _detect_chunk(paths[start:start + batch_size], names[start:start + batch_size], model, exp,
+                                 anchors, out)
+    summary: dict[str, Any] = {"model": str(model_dir), "protocol": exp.protocol, "score_threshold": score_threshold}
+    if exp.protocol == "crops":
+        summary["warning"] = CROPS_MODEL_WARNING
+    save_json(out / "results.json", {**summary, "results": results})
+    return results
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """Output names from the file stems, numbered when two inputs share a stem."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        n = seen.get(path.stem, 0)
+        names.append(path.stem if n == 0 else f"{path.stem}_{n}")
+        seen[path.stem] = n + 1
+    return names
+
+
+def _detect_chunk(paths: Sequence[Path], names: Sequence[str], model: Any, exp: DetectorExperiment, anchors: Any,
+                  out: Path) -> list[dict]:
+    """Read, prepare, detect and write one batch of files; unreadable files become error entries."""
+    from mammo_tf.imageio import read_image
+    from mammo_tf.plots.detection import draw_detections
+
+    entries: list[dict] = []
+    ready: list[tuple[dict, np.ndarray, np.ndarray, P.WholeTransform]] = []
+    for path, name in zip(paths, names):
+        entry: dict[str, Any] = {"path": str(path), "name": name}
+        entries.append(entry)
+        try:
+            image = read_image(path)
+            prepared, _, transform = P.prepare_whole(image, None, size=exp.image_size)
+        except (ValueError, OSError) as err:  # ImageReadError is a ValueError; so is an empty breast mask
+            entry["error"] = f"{type(err).__name__}: {err}"
+            continue
+        ready.append((entry, image, prepared, transform))
+    if not ready:
+        return entries
+    batch = np.stack([p for _, _, p, _ in ready]).astype(np.float32)[..., None] / 255.0
+    if exp.ssd_config().input_channels == 3:
+        batch = np.repeat(batch, 3, axis=-1)
+    for (entry, image, _, transform), det in zip(ready, predict_batches(model, [batch], anchors, exp)):
+        boxes = to_original_pixels(det["boxes"], transform, image.shape)
+        entry.update({
+            "image_shape": list(image.shape),
+            "box_format": "[ymin, xmin, ymax, xmax], pixels of the input image",
+            "boxes": np.round(boxes, 1).tolist(),
+            "classes": det["labels"].tolist(),
+            "class_names": [CLASS_NAMES.get(int(c), str(c)) for c in det["labels"]],
+            "scores": np.round(det["scores"], 4).tolist(),
+            "score_threshold": exp.score_threshold,
+        })
+        fig = draw_detections(image, np.zeros((0, 4)), [], boxes, det["labels"], det["scores"],
+                              title=f"{Path(entry['path']).name}: {len(boxes)} detections, score >= {exp.score_threshold:g}")
+        entry["overlay"] = str(save_figure(fig, out / f"{entry['name']}.detections.png"))
+        entry["json"] = str(out / f"{entry['name']}.detections.json")
+        save_json(entry["json"], entry)
+    return entries
+
+
+def format_results(results: Sequence[dict]) -> str:
+    """One line per image (for the CLI): detections or the error."""
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['path']}: ERROR {r['error']}")
+        else:
+            best = max(r["scores"], default=float("nan"))
+            lines.append(f"{r['path']}: {len(r['boxes'])} detections"
+                         + ("" if math.isnan(best) else f" (best {best:.2f})") + f" -> {r['overlay']}")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The SSD detection experiment: config, patient folds, box mapping, end-to-end training and inference."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mammo_tf import detector as D
+from mammo_tf import patches as P
+from mammo_tf.config import ConfigError
+from mammo_tf.data import mias
+
+SMALL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector_small.yaml"
+TINY = dict(name="tiny", protocol="whole", image_size=96, ssd={"backbone": "cnn"},
+            train={"epochs": 1, "batch_size": 4, "tensorboard": False},
+            folds=2, max_folds=1, max_patients=6, val_fraction=0.3, n_examples=2, seed=0)
+
+
+def test_small_config_loads_and_bad_keys_fail(tmp_path):
+    exp = D.load_experiment(SMALL_CONFIG)
+    assert exp.name == "detector_small" and exp.ssd_config().backbone == "cnn" and exp.n_folds_run == 1
+    assert exp.ssd_config().image_size == exp.image_size <= 300
+    assert exp.train_config().epochs <= 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("protocol: whole\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown keys \\['learning_rate'\\]"):
+        D.load_experiment(bad)
+    with pytest.raises(ConfigError, match="protocol"):
+        D.DetectorExperiment(protocol="patches")
+    with pytest.raises(ConfigError, match="ssd.image_size"):
+        D.DetectorExperiment(image_size=300, ssd={"image_size": 512})
+    with pytest.raises(ConfigError, match="bad ssd config"):
+        D.DetectorExperiment(ssd={"backbone": "resnet"})
+
+
+def test_folds_are_patient_disjoint(annotations):
+    exp = D.DetectorExperiment(protocol="crops", image_size=256, folds=3, max_patients=18, val_fraction=0.25, seed=1)
+    samples = D.make_samples(exp, annotations)
+    assert not set(samples.excluded) & set(samples.records["refnum"])
+    assert set(samples.excluded) == {"mdb059", "mdb216", "mdb233", "mdb245"}
+    assert samples.records["patient_id"].nunique() == 18
+    folds = D.make_folds(exp, samples)
+    assert [f.index for f in folds] == [0, 1, 2] and not any(f.leaky for f in folds)
+    tests = []
+    for f in folds:
+        parts = [set(f.train["patient_id"]), set(f.val["patient_id"]), set(f.test["patient_id"])]
+        assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert len(f.train) + len(f.val) + len(f.test) == len(samples.records)
+        tests.append(parts[2])
+    assert set().union(*tests) == set(samples.records["patient_id"]) and sum(map(len, tests)) == 18
+    # The leakage audit splits crops, not patients: several crops per lesion put patients on both sides.
+    naive = D.DetectorExperiment(**{**exp.__dict__, "naive_split": True, "crops_per_lesion": 3, "max_folds": 1})
+    leaky = D.make_folds(naive, D.make_samples(naive, annotations))[0]
+    assert leaky.leaky and set(leaky.train["patient_id"]) & set(leaky.test["patient_id"])
+
+
+def test_boxes_round_trip_to_original_pixels(annotations):
+    for refnum in ("mdb005", "mdb001"):
+        image = mias.load_image(refnum)
+        gt, _ = mias.lesion_boxes(annotations, refnum)
+        prepared, pboxes, t = P.prepare_whole(image, gt, size=300)
+        assert prepared.shape == (300, 300) and t.side > 300  # a real downsampling
+        back = D.to_original_pixels(pboxes / 300.0, t, image.shape)
+        # mdb001's large lesion runs 10 px left of the breast box, where the prepared film ends.
+        region = np.clip(gt, [t.top, t.left] * 2, [t.top + t.side, t.left + t.side] * 2)
+        assert (refnum == "mdb005") == np.array_equal(region, gt)
+        np.testing.assert_allclose(back, region, atol=1.0)
+    # A hand-worked case: crop at (100, 600), side 800 -> 400 px (scale 0.5).
+    t = P.WholeTransform(top=100, left=600, side=800, size=400)
+    np.testing.assert_allclose(D.to_original_pixels([[0.125, 0.125, 0.25, 0.25]], t, (1024, 1024)),
+                               [[200, 700, 300, 800]])
+    # Boxes running past the film are clipped to it.
+    assert D.to_original_pixels([[0.9, 0.9, 1.0, 1.0]], t, (1024, 1024)).max() == 1024
+
+
+def test_detection_dataset_targets(annotations):
+    from mammo_tf.anchors import default_boxes
+
+    exp = D.DetectorExperiment(**TINY)
+    samples = D.make_samples(exp, annotations)
+    anchors = D.anchor_config(exp.ssd_config())
+    n = anchors.num_anchors
+    ds = D.detection_dataset(samples.records, samples.films, anchors, training=True, batch_size=4, seed=0)
+    batches = list(ds)
+    assert len(batches) == math.ceil(len(samples.records) / 4) == ds.cardinality().numpy()
+    x, y = batches[0]
+    assert x.shape == (4, 96, 96, 1) and x.dtype.name == "float32" and 0 <= float(x.numpy().min()) <= float(x.numpy().max()) <= 1
+    assert y["cls"].shape == (4, n) and y["loc"].shape == (4, n, 4) and default_boxes(anchors).shape == (n, 4)
+    cls = np.concatenate([b[1]["cls"].numpy() for b in batches])
+    has_lesion = samples.records["box_labels"].map(len).to_numpy() > 0
+    # Unshuffled order is lost in training mode: compare counts of images with positives instead.
+    assert ((cls > 0).any(axis=1)).sum() == has_lesion.sum() > 0
+    assert set(np.unique(cls)) <= {0, 1, 2}
+
+
+def test_mixed_precision_heads_output_float32():
+    import keras
+
+    from mammo_tf.models.ssd import SSDConfig, build_ssd
+
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, _ = build_ssd(SSDConfig(image_size=64, backbone="cnn"))
+        out = model(np.zeros((1, 64, 64, 1), np.float32))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert out["cls_logits"].dtype.name == "float32" and out["box_offsets"].dtype.name == "float32"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, annotations):
+    out = tmp_path_factory.mktemp("detector")
+    metrics = D.run_experiment(D.DetectorExperiment(**TINY), out, command="pytest")
+    return out, metrics
+
+
+def test_end_to_end_training_writes_metrics(trained):
+    out, metrics = trained
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
+    rows = {r["row"]: r for r in on_disk["results"]}
+    assert set(rows) == {"SSD96 cnn (random)", "Oracle boxes, random class", "Poster (reference)"}
+    assert rows["Poster (reference)"]["values"] == {"benign AP": 0.80, "malignant AP": 0.806, "mAP": 0.803}
+    assert "not reproduced" in rows["Poster (reference)"]["note"]
+    for r in on_disk["results"]:
+        assert r["table"].startswith("Detection") and r["command"] == "pytest" and r["date"] and r["hardware"]
+    model = rows["SSD96 cnn (random)"]["values"]
+    assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP"}
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())  # one fold: plain numbers
+    assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
+    fold = on_disk["folds"][0]
+    assert fold["n_test"] > 0 and fold["training"]["epochs"] == 1 and fold["training"]["train_images_per_s"] > 0
+    assert not set(fold["train_patients"]) & set(fold["test_patients"])
+    for name in ("model.keras", "config.json", "pr_curves.png", "ap_bars.png", "froc.png", "training_curves.png",
+                 "images/detections.png", "folds/fold0/training_log.csv", "folds/fold0/model.keras"):
+        assert (out / name).is_file(), name
+    # A second run finds the trained fold and only evaluates: same model file, same numbers.
+    mtime = (out / "folds/fold0/model.keras").stat().st_mtime_ns
+    again = D.run_experiment(D.DetectorExperiment(**TINY), out, command="pytest")
+    assert (out / "folds/fold0/model.keras").stat().st_mtime_ns == mtime
+    assert json.dumps(again["summary"]) == json.dumps(metrics["summary"])
+    assert again["folds"][0]["training"] == fold["training"]
+
+
+def test_detect_images_pgm_and_corrupt_file(trained, tmp_path):
+    model_dir, _ = trained
+    good = tmp_path / "film.pgm"
+    shutil.copyfile(mias.fetch() / "mdb005.pgm", good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    results = D.detect_images([bad, good], model_dir, tmp_path / "out", score_threshold=0.2)
+    assert [r["path"] for r in results] == [str(bad), str(good)]
+    assert "error" in results[0] and "broken.png" in results[0]["error"] and "overlay" not in results[0]
+    ok = results[1]
+    assert "error" not in ok and ok["image_shape"] == [1024, 1024]
+    assert len(ok["boxes"]) == len(ok["scores"]) == len(ok["classes"]) and all(s >= 0.2 for s in ok["scores"])
+    boxes = np.asarray(ok["boxes"]).reshape(-1, 4)
+    assert ((boxes >= 0) & (boxes <= 1024)).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+    assert json.loads((tmp_path / "out" / "film.detections.json").read_text())["scores"] == ok["scores"]
+    assert (tmp_path / "out" / "film.detections.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [("error" in r) for r in summary["results"]] == [True, False]
+    with pytest.raises(FileNotFoundError, match="no model.keras"):
+        D.detect_images([good], tmp_path, tmp_path / "out2")
