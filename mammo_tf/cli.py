@@ -89,6 +89,34 @@ def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_detector(args: argparse.Namespace) -> int:
+    """Train and evaluate the SSD detector (config file) into OUT/<name>/; resumes a killed run."""
+    from mammo_tf import detector
+
+    exp = detector.load_experiment(args.config)
+    detector.run_experiment(exp, Path(args.out) / exp.name, command=_command(), verbose=2)
+    return 0
+
+
+def cmd_evaluate_detector(args: argparse.Namespace) -> int:
+    """Re-evaluate a trained detector folder (its fold models) without retraining."""
+    from mammo_tf import detector
+
+    model_dir = Path(args.model)
+    _, exp, _ = detector.load_detector(model_dir)
+    detector.evaluate_experiment(exp, model_dir, command=_command())
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Detect lesions on mammograms (PGM, PNG, JPEG, DICOM): an overlay PNG and a JSON per image."""
+    from mammo_tf import detector
+
+    results = detector.detect_images(args.images, args.model, args.out, score_threshold=args.score_threshold)
+    print(detector.format_results(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
 def _command() -> str:
     return "mammo-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -116,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-classifier", help=cmd_evaluate_classifier.__doc__)
     p.add_argument("--model", required=True, help="a folder written by train-classifier")
     p.set_defaults(func=cmd_evaluate_classifier)
+    p = sub.add_parser("train-detector", help=cmd_train_detector.__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default="models")
+    p.set_defaults(func=cmd_train_detector)
+    p = sub.add_parser("evaluate-detector", help=cmd_evaluate_detector.__doc__)
+    p.add_argument("--model", required=True, help="a folder written by train-detector")
+    p.set_defaults(func=cmd_evaluate_detector)
+    p = sub.add_parser("detect", help=cmd_detect.__doc__)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help="a detector folder (model.keras + config.json)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.set_defaults(func=cmd_detect)
     try:
         from mammo_tf import external_eval
 

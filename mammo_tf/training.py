@@ -23,6 +23,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     optimizer: str = "adam"
+    early_stopping: bool = True        # off for tiny validation sets, whose loss is mostly noise
     early_stopping_patience: int = 8
     strategy: str = "default"          # default | mirrored | multi_worker (reads $TF_CONFIG)
     mixed_precision: str = "auto"      # auto: mixed_float16 when a GPU is present, else float32
@@ -77,11 +78,12 @@ def callbacks(out_dir: str | Path, cfg: TrainConfig, monitor: str = "val_loss", 
         keras.callbacks.BackupAndRestore(str(out / "checkpoints" / "backup"), delete_checkpoint=True),
         keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "best.weights.h5"), monitor=monitor, mode=mode,
                                         save_best_only=True, save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience,
-                                      restore_best_weights=True),
         # append=True keeps the rows of the epochs done before a resume.
         keras.callbacks.CSVLogger(str(out / "training_log.csv"), append=True),
     ]
+    if cfg.early_stopping:
+        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience,
+                                                 restore_best_weights=True))
     if cfg.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0))
     return cbs
