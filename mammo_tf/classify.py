@@ -117,6 +117,35 @@ def score_image(model: Any, image: np.ndarray, size: int | None = None, mask: np
     return proba[int(np.argmax(abnormal))], heat
 
 
+def example_calls(exp_dir: str | Path, fold: int = 0, n_correct: int = 2, n_wrong: int = 2,
+                  seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Correct and wrong whole-mammogram calls of one fold's test films, with their heat maps."""
+    import keras
+
+    import mammo_tf.models  # noqa: F401  (registers the custom layers for safe loading)
+
+    exp_dir = Path(exp_dir)
+    preds = pd.read_csv(exp_dir / f"fold{fold}" / "film_predictions.csv")
+    preds["predicted"] = preds[list(mias.CLASSES)].to_numpy().argmax(axis=1)
+    right = preds[preds["predicted"] == preds["label_id"]]
+    wrong = preds[preds["predicted"] != preds["label_id"]]
+    # Prefer abnormal films among the examples: they show what the heat map finds.
+    pick = pd.concat([
+        right.sort_values("label_id", ascending=False, kind="stable").head(n_correct),
+        wrong.sort_values("label_id", ascending=False, kind="stable").head(n_wrong),
+    ])
+    model = keras.saving.load_model(exp_dir / f"fold{fold}" / "model.keras", safe_mode=True)
+    images, heats, titles = [], [], []
+    for row in pick.itertuples():
+        image = mias.load_image(row.refnum)
+        _, heat = score_image(model, image)
+        verdict = "correct" if row.predicted == row.label_id else "WRONG"
+        images.append(image)
+        heats.append(heat)
+        titles.append(f"{row.refnum}: {mias.CLASSES[row.label_id]} -> {mias.CLASSES[row.predicted]} ({verdict})")
+    return images, heats, titles
+
+
 def _film_features(refnums: list[str], films: patches.FilmCache) -> np.ndarray:
     images = np.stack([films.image(r)[::4, ::4] for r in refnums])
     masks = np.stack([films.mask(r)[::4, ::4] for r in refnums])

@@ -98,3 +98,13 @@ def write_report(models_dir: str | Path, out: str | Path | None = None) -> Path:
             parts.append(f"## {model.name}\n")
             parts += [f"![{f.stem}]({f.relative_to(out.parent).as_posix()})\n" for f in figures]
     return atomic_write_text(out, "\n".join(parts))
+
+
+def rows_frame(models_dir: str | Path, table_prefix: str = "") -> "pd.DataFrame":
+    """The result rows whose table starts with `table_prefix`, as a formatted DataFrame (for notebooks)."""
+    import pandas as pd
+
+    rows = [r for r in collect_rows(models_dir) if r["table"].startswith(table_prefix)]
+    records = [{"table": r["table"], "model": r["row"], **{k: format_value(v) for k, v in r["values"].items()},
+                "note": r.get("note", ""), "folder": r["model"]} for r in rows]
+    return pd.DataFrame(records).set_index(["table", "model"]) if records else pd.DataFrame()

@@ -107,3 +107,23 @@ def plot_training_curves(history: Any, title: str | None = None) -> Figure:
     if title:
         fig.suptitle(title)
     return fig
+
+
+def plot_heatmaps(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], titles: Sequence[str],
+                  ncols: int = 4) -> Figure:
+    """Films with the classifier's patch abnormality heat map (`1 - p(normal)`, 0..1) overlaid."""
+    n = len(images)
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig = Figure(figsize=(3.3 * ncols, 3.6 * nrows))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    mappable = None
+    for ax, image, heat, title in zip(axes, images, heats, titles):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        mappable = ax.imshow(np.ma.masked_invalid(heat), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.45)
+        ax.set_title(title, fontsize=8)
+        ax.set_axis_off()
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    if mappable is not None:
+        fig.colorbar(mappable, ax=list(axes), shrink=0.6, label="abnormality 1 - p(normal)")
+    return fig
