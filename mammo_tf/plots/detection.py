@@ -182,3 +182,44 @@ def draw_detection_grid(panels: Sequence[Mapping[str, Any]], ncols: int = 3) -> 
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     return fig
+
+
+def plot_default_boxes(image: np.ndarray, anchor_cfg: Any, gt_boxes: np.ndarray | None = None,
+                       gt_labels: np.ndarray | None = None, match_iou: float = 0.5) -> Figure:
+    """Left: the default boxes of one location per feature map. Right: the boxes matched to the ground truth."""
+    from mammo_tf import anchors as anc
+    from mammo_tf import boxes as bx
+
+    size = image.shape[0]
+    defaults = anc.default_boxes(anchor_cfg)
+    corners = bx.centre_to_corners(defaults).numpy() * size
+    fig = Figure(figsize=(12, 6))
+    ax_boxes, ax_match = fig.subplots(1, 2)
+    for ax in (ax_boxes, ax_match):
+        ax.imshow(image, cmap="gray")
+        ax.set_axis_off()
+    start = 0
+    k_per_map = anchor_cfg.boxes_per_location
+    for m, (fh, fw) in enumerate(anchor_cfg.feature_map_sizes):
+        k = k_per_map[m]
+        centre_cell = ((fh // 2) * fw + fw // 2) * k  # the location nearest the image centre
+        colour = _colour(f"map{m}", m)
+        for j in range(k):
+            y0, x0, y1, x1 = corners[start + centre_cell + j]
+            ax_boxes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1, color=colour,
+                                         label=f"{fh}x{fw} map" if j == 0 else None))
+        start += fh * fw * k
+    ax_boxes.legend(fontsize=7, loc="lower right")
+    ax_boxes.set_title("default boxes at the centre location of each map", fontsize=9)
+    if gt_boxes is not None and len(gt_boxes):
+        labels = np.ones(len(gt_boxes), np.int32) if gt_labels is None else np.asarray(gt_labels, np.int32)
+        _, cls = bx.match(np.asarray(gt_boxes, np.float32) / size, labels, defaults, match_iou)
+        positive = np.flatnonzero(cls.numpy() > 0)
+        for i in positive:
+            y0, x0, y1, x1 = corners[i]
+            ax_match.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.8, color="yellow"))
+        for y0, x0, y1, x1 in np.asarray(gt_boxes):
+            ax_match.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, color="red", ls="--"))
+        ax_match.set_title(f"{len(positive)} default boxes matched (IoU >= {match_iou} or best) to the lesion",
+                           fontsize=9)
+    return fig
