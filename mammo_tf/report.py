@@ -26,7 +26,9 @@ def format_value(value: Any) -> str:
     """`[mean, std]` as 'mean ± std', a number with 3 decimals, anything else as text."""
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
         mean, std = value
-        return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+        if math.isnan(mean):
+            return "n/a"
+        return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.3f}"
     return str(value)

@@ -30,8 +30,73 @@ def step_data(cfg: dict, out: Path) -> dict:
     return summary
 
 
+def step_patches(cfg: dict, out: Path) -> dict:
+    """Patch counts per strategy and size (and broken lesions), the strategies figure, class weights."""
+    from mammo_tf import patches as P
+    from mammo_tf.data import mias
+    from mammo_tf.plots import patches as PP
+
+    opts = cfg.get("patches", {})
+    ann = mias.load_annotations(cfg.get("data"))
+    films = P.FilmCache(P.film_loader(cfg.get("data")))
+    refnums = None
+    if opts.get("films_per_label"):
+        refnums = sorted(mias.images_table(ann).groupby("label").head(opts["films_per_label"])["refnum"])
+    table = P.patch_table(ann, films=films, refnums=refnums, seed=cfg.get("seed", 0))
+    (out / "patches").mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "patches" / "patch_table.csv")
+    ref = opts.get("example_film", "mdb028")
+    recs = {s: P.cut_patches(ann, s, 128, refnums=[ref], films=films, drop_excluded=False) for s in P.STRATEGIES}
+    save_figure(PP.strategies(films.image(ref), recs, P.film_lesions(ann, ref), films.mask(ref)),
+                out / "patches" / "images" / "strategies_128.png")
+    print(table.to_string(), flush=True)
+    return {"patch_table": table.reset_index().to_dict(orient="records")}
+
+
+def step_classifier(cfg: dict, out: Path) -> dict:
+    """Cross-validate the depthwise CNN classifier (the configs listed under `classifier`)."""
+    from mammo_tf import classify
+    from mammo_tf.config import from_dict, load_config
+
+    results = {}
+    for path in cfg.get("classifier", []):
+        exp = from_dict(classify.ClassifierExperiment, load_config(path))
+        metrics = classify.run_experiment(exp, out / "models" / exp.name, command=f"study step classifier ({path})")
+        results[exp.name] = metrics["results"]
+    return results
+
+
+def step_detector(cfg: dict, out: Path) -> dict:
+    """Train and evaluate the SSD detector (the configs listed under `detector`)."""
+    from mammo_tf import detector
+
+    results = {}
+    for path in cfg.get("detector", []):
+        exp = detector.load_experiment(path)
+        metrics = detector.run_experiment(exp, out / "models" / exp.name, command=f"study step detector ({path})",
+                                          verbose=2)
+        results[exp.name] = metrics["results"]
+    return results
+
+
+def step_report(cfg: dict, out: Path) -> dict:
+    """Tables and figures of this run's models, in `<out>/REPORT.md`."""
+    from mammo_tf import report
+
+    models = out / "models"
+    if not models.is_dir():
+        return {}
+    path = report.write_report(models)
+    print(report.build_tables(report.collect_rows(models)), flush=True)
+    return {"report": str(path)}
+
+
 STEPS: dict[str, Callable[[dict, Path], dict]] = {
     "data": step_data,
+    "patches": step_patches,
+    "classifier": step_classifier,
+    "detector": step_detector,
+    "report": step_report,
 }
 
 

@@ -20,6 +20,7 @@ def test_readme_matches_committed_metrics():
 def test_format_value():
     assert report.format_value([0.8123, 0.0456]) == "0.812 ± 0.046"
     assert report.format_value(0.5) == "0.500"
+    assert report.format_value([0.5, math.nan]) == "0.500"  # one fold: no spread to show
     assert report.format_value(math.nan) == "n/a"
     assert report.format_value("leaky") == "leaky"
 
