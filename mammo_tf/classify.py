@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_tf import baselines, patches, pipelines, training
-from mammo_tf.config import from_dict, provenance, save_config
+from mammo_tf.config import ConfigError, from_dict, load_config, provenance, save_config
 from mammo_tf.data import mias, splits
 from mammo_tf.io import atomic_path, save_figure, save_json
 from mammo_tf.metrics import classification as cm
@@ -295,7 +295,12 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(exp, out / "config.yaml")
+    previous = out / "config.yaml"
+    if previous.is_file() and from_dict(ClassifierExperiment, load_config(previous)) != exp:
+        # Another configuration's models live here: refuse rather than mix or overwrite them.
+        raise ConfigError(f"{out} holds a run with a different configuration ({previous}); "
+                          "give this experiment another name or remove that folder")
+    save_config(exp, previous)
     print(f"[mammo-tf] classifier {exp.name}: {exp.strategy} {exp.size} px -> {out}", flush=True)
     t0 = time.perf_counter()
     ann = mias.load_annotations()
