@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from mammo_tf.config import from_dict as config_from_dict
 
 SizeLike = int | tuple[int, int]
 
@@ -97,10 +98,7 @@ class AnchorConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnchorConfig:
         """Inverse of :meth:`to_dict`."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown AnchorConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def boxes_per_location(aspect_ratios: Sequence[float]) -> int:

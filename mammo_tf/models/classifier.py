@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+from mammo_tf.config import from_dict as config_from_dict
 
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4")
 
@@ -109,10 +110,7 @@ class ClassifierConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ClassifierConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _conv_layers(config: ClassifierConfig, index: int) -> list[keras.layers.Layer]:

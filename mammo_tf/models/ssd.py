@@ -42,6 +42,7 @@ from mammo_tf import anchors as anc
 from mammo_tf import boxes as bx
 from mammo_tf.models import backbones
 from mammo_tf.models import classifier as clf
+from mammo_tf.config import from_dict as config_from_dict
 
 # (bottleneck filters, filters, kernel, stride, padding) of each extra layer.
 ExtraLayer = tuple[int, int, int, int, int]
@@ -130,10 +131,7 @@ class SSDConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SSDConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SSDConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _generic_extras(size: int, wide: int, narrow: int) -> tuple[ExtraLayer, ...]:
