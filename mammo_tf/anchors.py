@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from mammo_tf.config import from_dict as config_from_dict
 
 SizeLike = int | tuple[int, int]

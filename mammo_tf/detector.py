@@ -478,21 +478,30 @@ def _training_curves(history: pd.DataFrame, title: str) -> Any:
 def predict_batches(model: Any, batches: Iterable[Any], anchor_cfg: Any, exp: DetectorExperiment) -> list[dict]:
     """Detections per image (boxes normalised, labels 1/2, scores) for an iterable of image batches."""
     from mammo_tf.anchors import default_boxes
-    from mammo_tf.boxes import decode_detections
 
     anchors = default_boxes(anchor_cfg)
-    variances = exp.ssd_config().variances
     out: list[dict] = []
     for batch in batches:
-        pred = model(batch, training=False)
-        det = decode_detections(pred["cls_logits"], pred["box_offsets"], anchors, score_threshold=exp.score_threshold,
-                                iou_threshold=exp.nms_iou_threshold, max_per_class=exp.max_per_class,
-                                max_total=exp.max_total, variances=variances)
-        det = {k: np.asarray(v) for k, v in det.items()}
-        for i, n in enumerate(det["num_detections"]):
-            out.append({"boxes": det["boxes"][i, :n].astype(np.float64), "labels": det["classes"][i, :n].astype(np.int64),
-                        "scores": det["scores"][i, :n].astype(np.float64)})
+        out += decode_batch(model(batch, training=False), anchors, exp)
     return out
+
+
+def decode_batch(pred: Any, anchors: Any, exp: DetectorExperiment) -> list[dict]:
+    """Per-image detections (boxes normalised, labels 1/2, scores) of one batch of raw SSD outputs (NMS)."""
+    from mammo_tf.boxes import decode_detections
+
+    det = decode_detections(pred["cls_logits"], pred["box_offsets"], anchors, score_threshold=exp.score_threshold,
+                            iou_threshold=exp.nms_iou_threshold, max_per_class=exp.max_per_class,
+                            max_total=exp.max_total, variances=exp.ssd_config().variances)
+    det = {k: np.asarray(v) for k, v in det.items()}
+    return [{"boxes": det["boxes"][i, :n].astype(np.float64), "labels": det["classes"][i, :n].astype(np.int64),
+             "scores": det["scores"][i, :n].astype(np.float64)} for i, n in enumerate(det["num_detections"])]
+
+
+def model_input(prepared: Sequence[np.ndarray], channels: int = 1) -> np.ndarray:
+    """Prepared uint8 squares -> the detector's input batch (B, S, S, channels), float32 in [0, 1]."""
+    batch = np.stack(prepared).astype(np.float32)[..., None] / 255.0
+    return np.repeat(batch, 3, axis=-1) if channels == 3 else batch
 
 
 def to_original_pixels(boxes: np.ndarray, transform: P.WholeTransform, image_shape: Sequence[int]) -> np.ndarray:
@@ -779,7 +788,6 @@ def _detect_chunk(paths: Sequence[Path], names: Sequence[str], model: Any, exp: 
                   out: Path) -> list[dict]:
     """Read, prepare, detect and write one batch of files; unreadable files become error entries."""
     from mammo_tf.imageio import read_image
-    from mammo_tf.plots.detection import draw_detections
 
     entries: list[dict] = []
     ready: list[tuple[dict, np.ndarray, np.ndarray, P.WholeTransform]] = []
@@ -795,26 +803,33 @@ def _detect_chunk(paths: Sequence[Path], names: Sequence[str], model: Any, exp: 
         ready.append((entry, image, prepared, transform))
     if not ready:
         return entries
-    batch = np.stack([p for _, _, p, _ in ready]).astype(np.float32)[..., None] / 255.0
-    if exp.ssd_config().input_channels == 3:
-        batch = np.repeat(batch, 3, axis=-1)
+    batch = model_input([p for _, _, p, _ in ready], exp.ssd_config().input_channels)
     for (entry, image, _, transform), det in zip(ready, predict_batches(model, [batch], anchors, exp)):
         boxes = to_original_pixels(det["boxes"], transform, image.shape)
-        entry.update({
-            "image_shape": list(image.shape),
-            "box_format": "[ymin, xmin, ymax, xmax], pixels of the input image",
-            "boxes": np.round(boxes, 1).tolist(),
-            "classes": det["labels"].tolist(),
-            "class_names": [CLASS_NAMES.get(int(c), str(c)) for c in det["labels"]],
-            "scores": np.round(det["scores"], 4).tolist(),
-            "score_threshold": exp.score_threshold,
-        })
-        fig = draw_detections(image, np.zeros((0, 4)), [], boxes, det["labels"], det["scores"],
-                              title=f"{Path(entry['path']).name}: {len(boxes)} detections, score >= {exp.score_threshold:g}")
-        entry["overlay"] = str(save_figure(fig, out / f"{entry['name']}.detections.png"))
-        entry["json"] = str(out / f"{entry['name']}.detections.json")
-        save_json(entry["json"], entry)
+        write_detections(entry, image, boxes, det["labels"], det["scores"], exp.score_threshold, out)
     return entries
+
+
+def write_detections(entry: dict, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                     score_threshold: float, out: Path, note: str = "") -> dict:
+    """Fill `entry` (with "path", "name") with pixel detections; write its overlay PNG and JSON into `out`."""
+    from mammo_tf.plots.detection import draw_detections
+
+    entry.update({
+        "image_shape": list(image.shape),
+        "box_format": "[ymin, xmin, ymax, xmax], pixels of the input image",
+        "boxes": np.round(boxes, 1).tolist(),
+        "classes": np.asarray(labels).tolist(),
+        "class_names": [CLASS_NAMES.get(int(c), str(c)) for c in labels],
+        "scores": np.round(scores, 4).tolist(),
+        "score_threshold": score_threshold,
+    })
+    fig = draw_detections(image, np.zeros((0, 4)), [], boxes, labels, scores,
+                          title=f"{Path(entry['path']).name}: {len(boxes)} detections, score >= {score_threshold:g}{note}")
+    entry["overlay"] = str(save_figure(fig, Path(out) / f"{entry['name']}.detections.png"))
+    entry["json"] = str(Path(out) / f"{entry['name']}.detections.json")
+    save_json(entry["json"], entry)
+    return entry
 
 
 def format_results(results: Sequence[dict]) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+
 from mammo_tf.config import from_dict as config_from_dict
 
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4")

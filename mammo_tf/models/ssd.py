@@ -40,9 +40,9 @@ import tensorflow as tf
 
 from mammo_tf import anchors as anc
 from mammo_tf import boxes as bx
+from mammo_tf.config import from_dict as config_from_dict
 from mammo_tf.models import backbones
 from mammo_tf.models import classifier as clf
-from mammo_tf.config import from_dict as config_from_dict
 
 # (bottleneck filters, filters, kernel, stride, padding) of each extra layer.
 ExtraLayer = tuple[int, int, int, int, int]
