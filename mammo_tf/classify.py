@@ -282,6 +282,12 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict) -> list[dict]:
                 values[col] = [s["mean"], s["std"]] if s else float("nan")
             rows.append({"table": title, "row": label, "values": values,
                          "note": (note if model == "cnn" else "") + f" n_folds={summary.get('n_folds', '?')}", **common})
+    from mammo_tf.models import classifier as clf
+
+    counts = clf.count_params_pair(clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size}))
+    rows.append({"table": "Classifier network size (parameters)", "row": f"{exp.size} px input",
+                 "values": {"depthwise-separable (ours)": counts["separable"], "ordinary convolutions": counts["ordinary"],
+                            "ratio": round(counts["ratio"], 3)}, "note": "4 conv (2 separable), 1 pooling, 1 dense", **common})
     if "naive.cnn.macro_roc_auc" in summary:
         values = {col: [summary[f"naive.cnn.{m}"]["mean"], summary[f"naive.cnn.{m}"]["std"]] for col, m in METRIC_KEYS.items()}
         rows.append({"table": tables[0][1], "row": f"CNN, naive random patch split (LEAKY)", "values": values,

@@ -47,8 +47,13 @@ def build_tables(rows: list[dict]) -> str:
     """Markdown tables, one per `table` key, in first-seen order, with the provenance of every row."""
     out: list[str] = []
     tables: dict[str, list[dict]] = {}
+    seen = set()
     for row in rows:
-        tables.setdefault(row["table"], []).append(row)
+        # Several experiments can report the same fact (e.g. a network's size): list it once.
+        key = (row["table"], row["row"], repr(row["values"]))
+        if key not in seen:
+            seen.add(key)
+            tables.setdefault(row["table"], []).append(row)
     for title, trs in tables.items():
         columns: list[str] = []
         for r in trs:
