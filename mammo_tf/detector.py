@@ -95,6 +95,7 @@ class DetectorExperiment:
     crops_per_lesion: int = 1
     n_normal: int | None = None           # crops protocol: normal crops in all (None: one per normal film)
     naive_split: bool = False
+    backbone_from: str | None = None      # cnn backbone: a classifier experiment folder; fold k starts from its fold k
     n_examples: int = 6
     seed: int = 0
     data: str | None = None
@@ -271,7 +272,11 @@ def make_folds(exp: DetectorExperiment, samples: Samples) -> list[Fold]:
             folds.append(Fold(k, pick(tr), pick(va), pick(test_rows), leaky=True))
         return folds
     ann = samples.annotations
-    for k, (train_patients, test_patients) in enumerate(patient_folds(ann, exp.folds, exp.seed)):
+    # Folds over the full table (films with unlocated lesions included) when no subset is drawn, so
+    # that they are exactly the classifier's folds: the cascade and a classifier-initialised
+    # backbone then never meet a patient that the other model trained on.
+    fold_ann = mias.load_annotations(exp.data) if exp.max_patients is None else ann
+    for k, (train_patients, test_patients) in enumerate(patient_folds(fold_ann, exp.folds, exp.seed)):
         if k >= exp.n_folds_run:
             break
         tr, va, stratified = _train_val(ann, train_patients, exp.val_fraction, exp.seed + k)
@@ -438,6 +443,8 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
 
     fold_dir = Path(fold_dir)
     ssd_cfg, tcfg = exp.ssd_config(), exp.train_config()
+    if exp.backbone_from:
+        ssd_cfg = dataclasses.replace(ssd_cfg, weights=str(_backbone_weights(exp, fold)))
     previous = keras.mixed_precision.global_policy().name
     precision = training.set_precision(tcfg.mixed_precision)
     try:
@@ -464,6 +471,22 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
     # Wall-clock rate of the whole fit (graph tracing and validation included).
     return {"seconds": seconds, "epochs": epochs, "n_train": len(fold.train), "n_val": len(fold.val),
             "train_images_per_s": len(fold.train) * epochs / seconds, "precision": precision}
+
+
+def _backbone_weights(exp: DetectorExperiment, fold: Fold) -> Path:
+    """The classifier model of the same fold, after checking it never trained on this fold's test patients."""
+    if exp.naive_split or exp.ssd_config().backbone != "cnn":
+        raise ConfigError("backbone_from needs the cnn backbone and patient-level folds")
+    source = Path(exp.backbone_from) / f"fold{fold.index}"
+    predictions = source / "film_predictions.csv"
+    if not (source / MODEL_FILE).is_file() or not predictions.is_file():
+        raise ConfigError(f"backbone_from: {source} has no trained classifier ({MODEL_FILE}, film_predictions.csv)")
+    tested = set(pd.read_csv(predictions)["refnum"])
+    unseen = set(fold.test["refnum"]) - tested
+    if unseen:
+        raise ConfigError(f"backbone_from: the classifier of fold {fold.index} trained on test films {sorted(unseen)[:5]}; "
+                          "its folds differ from the detector's")
+    return source / MODEL_FILE
 
 
 def _training_curves(history: pd.DataFrame, title: str) -> Any:
@@ -601,6 +624,10 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     for fold in folds:
         fold_dir = out / "folds" / f"fold{fold.index}"
         model, _, anchors = load_detector(fold_dir)
+        seen = set(load_json(fold_dir / CONFIG_FILE).get("train_refnums", [])) & set(fold.test["refnum"])
+        if seen and not fold.leaky:
+            raise ConfigError(f"{fold_dir}: this model trained on {len(seen)} of the fold's test films "
+                              f"(e.g. {sorted(seen)[:3]}): it was trained with other folds; retrain it")
         images = image_dataset(fold.test, samples.films, batch, exp.ssd_config().input_channels)
         dets = _to_eval_pixels(exp, samples, fold.test, predict_batches(model, images, anchors, exp))
         gts = _ground_truth(exp, fold.test, samples.annotations)
