@@ -588,7 +588,7 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
 
 
 ROW_VALUES = {"benign AP": "benign_ap", "malignant AP": "malignant_ap", "mAP": "map", "mAP (VOC07 11-pt)": "map_11",
-              "sens@1FP": "sens_at_1fp"}
+              "sens@1FP": "sens_at_1fp", "train mAP (fit check)": "train_mAP"}
 
 
 def _row_values(summary: dict) -> dict:
@@ -633,6 +633,11 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         gts = _ground_truth(exp, fold.test, samples.annotations)
         flat, ev, fr = detection_metrics(gts, dets, exp.iou_threshold)
         base, _, _ = detection_metrics(gts, oracle_boxes_random_class(gts, seed=exp.seed + fold.index), exp.iou_threshold)
+        # Does the model fit its own training set? (No augmentation; a fit check, not a result.)
+        train_images = image_dataset(fold.train, samples.films, batch, exp.ssd_config().input_channels)
+        train_dets = _to_eval_pixels(exp, samples, fold.train, predict_batches(model, train_images, anchors, exp))
+        flat["train_mAP"] = detection_metrics(_ground_truth(exp, fold.train, samples.annotations), train_dets,
+                                              exp.iou_threshold)[0]["map"]
         model_metrics.append(flat)
         base_metrics.append(base)
         pooled_gt += gts
