@@ -131,7 +131,7 @@ def test_end_to_end_training_writes_metrics(trained):
     for r in on_disk["results"]:
         assert r["table"].startswith("Detection") and r["command"] == "pytest" and r["date"] and r["hardware"]
     model = rows["SSD96 cnn (random)"]["values"]
-    assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP"}
+    assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP", "train mAP (fit check)"}
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())  # one fold: plain numbers
     assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
     fold = on_disk["folds"][0]
