@@ -108,7 +108,9 @@ def score_image(model: Any, image: np.ndarray, size: int | None = None, mask: np
     if not len(tops):
         raise ValueError("score_image: no grid patch touches the breast mask")
     batch = np.stack([image[t:t + size, l:l + size] for t, l in zip(tops, lefts)])[..., None].astype(np.float32) / 255.0
-    proba = model.predict(batch, batch_size=batch_size, verbose=0)
+    # A direct call per chunk: model.predict rebuilds its data pipeline on every film (3x slower here).
+    proba = np.concatenate([np.asarray(model(batch[i:i + batch_size], training=False))
+                            for i in range(0, len(batch), batch_size)])
     abnormal = 1.0 - proba[:, 0]
     heat = np.full(image.shape, np.nan, dtype=np.float32)
     for t, l, a in zip(tops, lefts, abnormal):

@@ -112,6 +112,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     """Detect lesions on mammograms (PGM, PNG, JPEG, DICOM): an overlay PNG and a JSON per image."""
     from mammo_tf import detector
 
+    if args.cascade:
+        from mammo_tf import cascade
+
+        return cascade.cli_detect(args)
     results = detector.detect_images(args.images, args.model, args.out, score_threshold=args.score_threshold)
     print(detector.format_results(results))
     return 1 if any("error" in r for r in results) else 0
@@ -156,13 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a detector folder (model.keras + config.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--score-threshold", type=float, default=0.5)
-    p.set_defaults(func=cmd_detect)
-    try:
-        from mammo_tf import external_eval
+    from mammo_tf import cascade, external_eval
 
-        external_eval.add_cli(sub)
-    except ImportError:  # pragma: no cover - the module lands with issue 7
-        pass
+    cascade.add_cli_arguments(p)
+    p.set_defaults(func=cmd_detect)
+    cascade.add_cli(sub)
+    external_eval.add_cli(sub)
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")
