@@ -697,7 +697,8 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     table = ("Detection (mini-MIAS, crops around lesions: location given)" if exp.protocol == "crops"
              else "Detection (mini-MIAS, whole films: no prior location)")
     common = {"table": table, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
-    name = f"SSD{exp.image_size} {cfg.backbone} ({cfg.weights})" + (" [LEAKY split]" if exp.naive_split else "")
+    init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
+    name = f"SSD{exp.image_size} {cfg.backbone} ({init})" + (" [LEAKY split]" if exp.naive_split else "")
     return [
         {**common, "row": name, "values": _row_values(summary),
          "note": f"{protocol}; {split}; VOC AP at IoU >= {exp.iou_threshold:g}; FROC: box centre in lesion"},
