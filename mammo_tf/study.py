@@ -79,6 +79,49 @@ def step_detector(cfg: dict, out: Path) -> dict:
     return results
 
 
+def step_cascade(cfg: dict, out: Path) -> dict:
+    """Cascade (classifier gate, then SSD) against SSD on every film, and the speed benchmark."""
+    import importlib.util
+
+    from mammo_tf import cascade
+
+    opts = cfg.get("cascade", {})
+    models = out / "models"
+    name = f"cascade_{opts['classifier']}_{opts['detector']}"
+    metrics = cascade.evaluate_cascade(models / opts["classifier"], models / opts["detector"], models / name,
+                                       command="study step cascade")
+    # The benchmark script is run as is, so that `make run` and `make bench` measure the same thing.
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cascade.py"
+    if bench.is_file() and opts.get("benchmark", True):
+        spec = importlib.util.spec_from_file_location("bench_cascade", bench)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(["--classifier", str(models / opts["classifier"]), "--detector", str(models / opts["detector"]),
+                     "--cascade-dir", str(models / name), "--films", str(opts.get("films", 4)),
+                     "--repeats", str(opts.get("repeats", 1)), "--out", str(models / name / "benchmark.md")])
+    return {"results": metrics.get("results", [])}
+
+
+def step_external(cfg: dict, out: Path) -> dict:
+    """The trained classifier on rsna-640 and the detector on the mini-DDSM sample (external validation)."""
+    from mammo_tf import external_eval
+
+    opts = cfg.get("external", {})
+    models = out / "models"
+    results = {}
+    for kind, model, data, adapter in (("classifier", opts.get("classifier"), opts.get("rsna"), "folder"),
+                                       ("detector", opts.get("detector"), opts.get("ddsm"), "ddsm")):
+        if not model or not data or not Path(data).is_dir():
+            print(f"[mammo-tf] external {kind}: skipped (no model or no data folder {data!r})", flush=True)
+            continue
+        evaluate = (external_eval.evaluate_classifier_external if kind == "classifier"
+                    else external_eval.evaluate_detector_external)
+        run = evaluate(models / model, data, adapter=adapter, out_dir=models / f"external_{adapter}_{model}",
+                       max_images=opts.get("max_images"), command="study step external", n_boot=200)
+        results[kind] = run.get("results", [])
+    return results
+
+
 def step_report(cfg: dict, out: Path) -> dict:
     """Tables and figures of this run's models, in `<out>/REPORT.md`."""
     from mammo_tf import report
@@ -96,6 +139,8 @@ STEPS: dict[str, Callable[[dict, Path], dict]] = {
     "patches": step_patches,
     "classifier": step_classifier,
     "detector": step_detector,
+    "cascade": step_cascade,
+    "external": step_external,
     "report": step_report,
 }
 
