@@ -111,6 +111,20 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in result.items():
         print(f"{k:>28}: {v}")
     if args.json:
+        from mammo_tf.config import provenance
+
+        prov = provenance("python benchmarks/bench_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        hw = prov["hardware"]
+        result["results"] = [{
+            "table": "Benchmark: input pipeline vs training step (same process)",
+            "row": f"{args.strategy} {args.size} px, batch {args.batch}",
+            "values": {"pipeline patches/s": result["pipeline_patches_per_s"],
+                       "training patches/s": result["training_patches_per_s"],
+                       "ratio": result["pipeline_to_training_ratio"]},
+            "note": "ratio > 1: the input pipeline is not the bottleneck",
+            "command": prov["command"], "hardware": f"{hw['cpu']} ({hw['cpu_count']} cores), GPUs: {hw['gpus']}",
+            "date": prov["date"],
+        }]
         io.save_json(args.json, result)
     return result
 

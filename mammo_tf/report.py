@@ -35,11 +35,14 @@ def format_value(value: Any) -> str:
 
 
 def collect_rows(models_dir: str | Path) -> list[dict]:
-    """All result rows of every `metrics.json` under `models_dir`, each tagged with its model folder."""
+    """Result rows of every `models_dir/*/metrics.json` (and of the benchmarks' JSON results beside it)."""
     rows = []
-    for path in sorted(Path(models_dir).glob("*/metrics.json")):
+    models_dir = Path(models_dir)
+    paths = sorted(models_dir.glob("*/metrics.json")) + sorted((models_dir.parent / "benchmarks" / "results").glob("*.json"))
+    for path in paths:
         for row in load_json(path).get("results", []):
-            rows.append({**row, "model": path.parent.name})
+            source = path.parent if path.name == "metrics.json" else path
+            rows.append({**row, "model": source.relative_to(models_dir.parent).as_posix()})
     return rows
 
 
@@ -67,7 +70,7 @@ def build_tables(rows: list[dict]) -> str:
         sources = {(r["model"], r.get("command", ""), r.get("hardware", ""), r.get("date", "")) for r in trs}
         out.append("")
         for model, command, hardware, date in sorted(sources):
-            out.append(f"- `models/{model}`: `{command}` — {hardware}, {date}")
+            out.append(f"- `{model}`: `{command}` — {hardware}, {date}")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
