@@ -85,6 +85,7 @@ def match(
     anchors: ArrayLike,
     iou_threshold: float = 0.5,
     variances: Sequence[float] = VARIANCES,
+    ignore_iou: float | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """SSD matching of one image's ground truth to the default boxes.
 
@@ -94,6 +95,9 @@ def match(
     one best default box the later wins), then every other default box is matched to the ground
     truth of highest IoU if that IoU is ``>= iou_threshold``. Returns the encoded ``loc_targets``
     ``(N, 4)`` float32 (zeros for background) and ``cls_targets`` ``(N,)`` int32 (0 = background).
+    With ``ignore_iou`` (not in the SSD paper; the ignore band of Faster R-CNN and RetinaNet), default
+    boxes that overlap a lesion with ``ignore_iou <= IoU < iou_threshold`` get ``-1``: neither positive
+    nor negative, so hard-negative mining cannot pick boxes that look exactly like the lesion.
     """
     gt = tf.reshape(_as_boxes(gt_boxes, "gt_boxes"), [-1, 4])
     labels = tf.reshape(tf.cast(gt_labels, tf.int32), [-1])
@@ -126,7 +130,8 @@ def match(
             best_gt_iou, best_anchor[:, None], tf.fill([n_gt], 2.0)
         )
         positive = best_gt_iou >= iou_threshold
-        cls = tf.where(positive, tf.gather(labels, best_gt), 0)
+        background = tf.zeros_like(best_gt) if ignore_iou is None else tf.where(best_gt_iou >= ignore_iou, -1, 0)
+        cls = tf.where(positive, tf.gather(labels, best_gt), background)
         matched = corners_to_centre(tf.gather(gt, best_gt))
         loc = tf.where(positive[:, None], encode(matched, anc, variances), 0.0)
         return loc, cls

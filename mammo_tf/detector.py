@@ -84,6 +84,7 @@ class DetectorExperiment:
     val_fraction: float = 0.2             # of each fold's training patients; 0 = no validation
     iou_threshold: float = 0.5            # evaluation: detection matches ground truth
     match_iou: float = 0.5                # training: default box matches ground truth
+    ignore_iou: float | None = None       # training: boxes with ignore_iou <= IoU < match_iou are ignored
     score_threshold: float = 0.01
     nms_iou_threshold: float = 0.45
     max_per_class: int = 100
@@ -323,6 +324,7 @@ def detection_dataset(
     match_iou: float = 0.5,
     variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
     channels: int = 1,
+    ignore_iou: float | None = None,
 ) -> Any:
     """Batches of ``(image (B, S, S, C) float32 [0, 1], {"cls": (B, N), "loc": (B, N, 4)})`` SSD targets.
 
@@ -337,7 +339,7 @@ def detection_dataset(
 
     if records.empty:
         raise ValueError("no records for a detection dataset")
-    targets = ssd_targets_fn(anchor_cfg, match_iou, variances)
+    targets = ssd_targets_fn(anchor_cfg, match_iou, variances, ignore_iou)
     ds = crop_dataset(records, training=training, batch_size=1, seed=seed, augment_train=augment,
                       max_angle=max_angle, max_boxes=_max_boxes(records), films=films)
 
@@ -450,7 +452,7 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
     try:
         anchors = anchor_config(ssd_cfg)
         common = dict(batch_size=tcfg.batch_size, match_iou=exp.match_iou, variances=ssd_cfg.variances,
-                      channels=ssd_cfg.input_channels)
+                      channels=ssd_cfg.input_channels, ignore_iou=exp.ignore_iou)
         train_ds = detection_dataset(fold.train, samples.films, anchors, training=True, seed=tcfg.seed + fold.index,
                                      augment=exp.augment, max_angle=exp.max_angle, **common)
         val_ds = (detection_dataset(fold.val, samples.films, anchors, training=False, **common)
@@ -744,7 +746,8 @@ def train_experiment(exp: DetectorExperiment, out_dir: str | Path, samples: Samp
     for fold in folds:
         fold_dir = out / "folds" / f"fold{fold.index}"
         stamp = fold_dir / "experiment.json"
-        if stamp.is_file() and load_json(stamp) != exp.to_dict():
+        # Compared through the dataclass, so that a field added later with its default is no change.
+        if stamp.is_file() and from_dict(DetectorExperiment, load_json(stamp)).to_dict() != exp.to_dict():
             # Another configuration trained here: its logs and backups must not leak into this run.
             shutil.rmtree(fold_dir)
         if (fold_dir / MODEL_FILE).is_file() and stamp.is_file():

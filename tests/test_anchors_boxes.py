@@ -261,3 +261,16 @@ def test_decode_detections_single_and_batch(anchors300):
 def test_decode_detections_rejects_bad_shapes(anchors300):
     with pytest.raises(ValueError, match="same rank"):
         B.decode_detections(np.zeros((2, 5, 3)), np.zeros((5, 4)), anchors300[:5])
+
+
+def test_match_ignore_band():
+    # One ground-truth box; anchors: identical (IoU 1), half-overlapping (IoU 1/3), far away (IoU 0).
+    gt = np.array([[0.2, 0.2, 0.4, 0.4]], np.float32)
+    corners = np.array([[0.2, 0.2, 0.4, 0.4], [0.2, 0.3, 0.4, 0.5], [0.7, 0.7, 0.9, 0.9]], np.float32)
+    anchors = B.corners_to_centre(corners).numpy()
+    _, cls = B.match(gt, [2], anchors, iou_threshold=0.5)
+    assert cls.numpy().tolist() == [2, 0, 0]
+    _, cls = B.match(gt, [2], anchors, iou_threshold=0.5, ignore_iou=0.3)
+    assert cls.numpy().tolist() == [2, -1, 0]  # neither positive nor a negative to mine
+    _, cls = B.match(np.zeros((0, 4), np.float32), np.zeros((0,), np.int32), anchors, ignore_iou=0.3)
+    assert cls.numpy().tolist() == [0, 0, 0]

@@ -255,6 +255,7 @@ def ssd_targets_fn(
     anchor_cfg: anc.AnchorConfig,
     iou_threshold: float = 0.5,
     variances: Sequence[float] = bx.VARIANCES,
+    ignore_iou: float | None = None,
 ) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, dict[str, tf.Tensor]]]:
     """A ``tf.data`` map function ``(image, boxes, labels) -> (image, {"cls", "loc"})``.
 
@@ -266,7 +267,7 @@ def ssd_targets_fn(
     variances = tuple(float(v) for v in variances)
 
     def targets(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-        loc, cls = bx.match(boxes, labels, anchors, iou_threshold, variances)
+        loc, cls = bx.match(boxes, labels, anchors, iou_threshold, variances, ignore_iou)
         return image, {"cls": cls, "loc": loc}
 
     return targets
