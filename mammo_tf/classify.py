@@ -273,17 +273,24 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict) -> list[dict]:
         ("patch_grid", f"Classification, patch level ({exp.size} px, grid_keep test patches)", ""),
         ("image", "Classification, whole mammogram (max over breast patches)", ""),
     ]
+    if exp.strategy == "grid_keep":
+        tables = tables[1:]  # its own test patches are the grid_keep ones: the same table twice otherwise
+    fitted_on = f" (fitted on {exp.strategy} {exp.size} training patches)"
     rows = []
     for key, title, note in tables:
         for model in ("cnn", "majority", "logistic"):
-            label = {"cnn": f"CNN trained on {exp.strategy} {exp.size}", "majority": "majority class",
-                     "logistic": "logistic regression, intensity features"}[model]
+            # Patch-level baselines are fitted on each experiment's own training patches; film-level ones
+            # on the films, the same for every experiment.
+            suffix = fitted_on if key != "image" else ""
+            label = {"cnn": f"CNN trained on {exp.strategy} {exp.size}", "majority": "majority class" + suffix,
+                     "logistic": "logistic regression, intensity features" + suffix}[model]
             values = {}
             for col, metric in METRIC_KEYS.items():
                 s = summary.get(f"{key}.{model}.{metric}")
                 values[col] = [s["mean"], s["std"]] if s else float("nan")
-            rows.append({"table": title, "row": label, "values": values,
-                         "note": (note if model == "cnn" else "") + f" n_folds={summary.get('n_folds', '?')}", **common})
+            notes = [note] if note and model == "cnn" else []
+            notes.append(f"n_folds={summary.get('n_folds', '?')}")
+            rows.append({"table": title, "row": label, "values": values, "note": "; ".join(notes), **common})
     from mammo_tf.models import classifier as clf
 
     counts = clf.count_params_pair(clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size}))
