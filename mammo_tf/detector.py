@@ -529,6 +529,17 @@ def model_input(prepared: Sequence[np.ndarray], channels: int = 1) -> np.ndarray
     return np.repeat(batch, 3, axis=-1) if channels == 3 else batch
 
 
+def detect_prepared(model: Any, exp: DetectorExperiment, anchor_cfg: Any, prepared: Sequence[np.ndarray],
+                    transforms: Sequence[P.WholeTransform], image_shapes: Sequence[Sequence[int]],
+                    batch_size: int = 8) -> list[dict]:
+    """Detections in each original film's pixels, from films already prepared by `prepare_whole`."""
+    channels = exp.ssd_config().input_channels
+    batches = (model_input(prepared[i:i + batch_size], channels) for i in range(0, len(prepared), batch_size))
+    dets = predict_batches(model, batches, anchor_cfg, exp)
+    return [{**d, "boxes": to_original_pixels(d["boxes"], t, shape)}
+            for d, t, shape in zip(dets, transforms, image_shapes)]
+
+
 def to_original_pixels(boxes: np.ndarray, transform: P.WholeTransform, image_shape: Sequence[int]) -> np.ndarray:
     """Normalised boxes on a prepared whole film -> pixel boxes on the original film (clipped to it)."""
     pixels = transform.to_original(np.asarray(boxes, np.float64).reshape(-1, 4) * transform.size)
@@ -839,10 +850,10 @@ def _detect_chunk(paths: Sequence[Path], names: Sequence[str], model: Any, exp: 
         ready.append((entry, image, prepared, transform))
     if not ready:
         return entries
-    batch = model_input([p for _, _, p, _ in ready], exp.ssd_config().input_channels)
-    for (entry, image, _, transform), det in zip(ready, predict_batches(model, [batch], anchors, exp)):
-        boxes = to_original_pixels(det["boxes"], transform, image.shape)
-        write_detections(entry, image, boxes, det["labels"], det["scores"], exp.score_threshold, out)
+    entries_ok, images, prepared, transforms = zip(*ready)
+    dets = detect_prepared(model, exp, anchors, prepared, transforms, [im.shape for im in images], len(ready))
+    for entry, image, det in zip(entries_ok, images, dets):
+        write_detections(entry, image, det["boxes"], det["labels"], det["scores"], exp.score_threshold, out)
     return entries
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shlex
 import sys
 import time
@@ -38,13 +37,13 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from mammo_tf import photometric
 from mammo_tf.config import from_dict, load_config, provenance
 from mammo_tf.data import external
 from mammo_tf.io import load_json, save_figure, save_json
 from mammo_tf.metrics import classification as cm
+from mammo_tf.plots.external import format_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -358,11 +357,6 @@ def _task(images: pd.DataFrame) -> tuple[str, np.ndarray]:
     return "lesion (benign) vs lesion-free", (labels > 0).astype(int)
 
 
-def _fmt_ci(ci: dict | Sequence[float]) -> str:
-    low, high = (ci["ci_low"], ci["ci_high"]) if isinstance(ci, dict) else ci
-    return "n/a" if not (np.isfinite(low) and np.isfinite(high)) else f"{low:.3f}-{high:.3f}"
-
-
 # --------------------------------------------------------------------------- classifier evaluation
 
 
@@ -501,7 +495,7 @@ def evaluate_classifier_external(model_dir: str | Path, data_root: str | Path, a
     if n_examples:
         _heatmap_examples(out, ensemble, images, preds, n_examples)
     print(f"[mammo-tf] {source}: AUC {res['abnormal_score']['auc']['auc']:.3f} "
-          f"({_fmt_ci(res['abnormal_score']['auc'])}); wrote {out}", flush=True)
+          f"({format_ci(res['abnormal_score']['auc'])}); wrote {out}", flush=True)
     return metrics
 
 
@@ -535,7 +529,7 @@ def _classifier_rows(setting: dict, op: dict, res: dict, prov: dict, n_folds: in
     target = f"{setting['target_sensitivity']:.0%}"
 
     def vals(auc: dict, pt: dict | None) -> dict:
-        v: dict[str, Any] = {"AUC": auc["auc"], "AUC 95% CI": _fmt_ci(auc)}
+        v: dict[str, Any] = {"AUC": auc["auc"], "AUC 95% CI": format_ci(auc)}
         if pt is not None:
             v.update({"sensitivity": pt["sensitivity"], "specificity": pt["specificity"],
                       "pos / neg": f"{pt['sensitivity_count'][1]} / {pt['specificity_count'][1]}"})
@@ -582,97 +576,12 @@ def _classifier_rows(setting: dict, op: dict, res: dict, prov: dict, n_folds: in
 # --------------------------------------------------------------------------- classifier figures
 
 
-def _roc_axes(ax: Any, curves: list[tuple[str, np.ndarray, np.ndarray, str, str]],
-              points: list[tuple[str, dict, str, str]], title: str) -> None:
-    from sklearn.metrics import RocCurveDisplay
-
-    for name, y, score, colour, ls in curves:
-        if len(np.unique(y)) < 2:
-            ax.plot([], [], color=colour, ls=ls, label=f"{name}: undefined (one class)")
-            continue
-        RocCurveDisplay.from_predictions(y, score, name=name, ax=ax, curve_kwargs={"color": colour, "ls": ls},
-                                         plot_chance_level=False)
-    for name, pt, colour, marker in points:
-        if np.isfinite(pt["sensitivity"]) and np.isfinite(pt["specificity"]):
-            ax.plot(1 - pt["specificity"], pt["sensitivity"], marker, color=colour, ms=8, mec="black",
-                    label=f"{name}: sens {pt['sensitivity']:.2f}, spec {pt['specificity']:.2f}")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="chance (AUC 0.5)")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
-    ax.legend(loc="lower right", fontsize=7)
-
-
-def roc_figure(scored: pd.DataFrame, y: np.ndarray, res: dict, task: str, source: str) -> Figure:
-    """ROC on all images (AUC and patient-bootstrap CI in the legend) and on half B with both operating points."""
-    fig = Figure(figsize=(11, 5))
-    left, right = fig.subplots(1, 2)
-    a, p, adapt = res["abnormal_score"]["auc"], res["p_malignant"]["auc"], res["adaptation"]
-    _roc_axes(left, [
-        (f"CNN abnormal score (CI {_fmt_ci(a)})", y, scored["abnormal_score"].to_numpy(), "black", "-"),
-        (f"CNN p(malignant) (CI {_fmt_ci(p)})", y, scored["p_malignant"].to_numpy(), "tab:red", "--"),
-    ], [("mini-MIAS threshold", res["abnormal_score"]["at_mias_threshold"], "tab:blue", "o")],
-        f"{source}, all images ({task})")
-    b = (scored["half"] == "B").to_numpy()
-    curves = [(f"CNN abnormal score (CI {_fmt_ci(adapt['cnn_auc_B'])})", y[b], scored["abnormal_score"].to_numpy()[b],
-               "black", "-")]
-    if "logistic_score" in scored and scored.loc[b, "logistic_score"].notna().all() and b.any():
-        curves.append((f"logistic, intensity (CI {_fmt_ci(adapt['logistic']['auc_B'])})", y[b],
-                       scored.loc[b, "logistic_score"].to_numpy(), "tab:green", "-."))
-    _roc_axes(right, curves, [("mini-MIAS threshold", adapt["cnn_mias_threshold_B"], "tab:blue", "o"),
-                              ("recalibrated on half A", adapt["cnn_recalibrated_B"], "tab:orange", "s")],
-              f"{source}, half B (patients not used for recalibration)")
-    fig.tight_layout()
-    return fig
-
-
-def score_histograms(scored: pd.DataFrame, mias_films: pd.DataFrame, op: dict, res: dict, source: str) -> Figure:
-    """Abnormal-score distributions per class: mini-MIAS out-of-fold films beside the external images, thresholds marked."""
-    fig = Figure(figsize=(11, 3.8))
-    axes = fig.subplots(1, 2, sharex=True)
-    bins = np.linspace(0, 1, 41)
-    colours = {0: "tab:blue", 1: "tab:green", 2: "tab:red"}
-    mias_names = {0: "normal", 1: "benign", 2: "malignant"}
-    for k, name in mias_names.items():
-        s = mias_films.loc[mias_films["label_id"] == k, "abnormal_score"]
-        if len(s):
-            axes[0].hist(s, bins=bins, density=True, histtype="step", lw=1.5, color=colours[k], label=f"{name} ({len(s)})")
-    for label, group in scored.groupby("label", sort=False):
-        k = int(group["label_id"].iloc[0])
-        axes[1].hist(group["abnormal_score"], bins=bins, density=True, histtype="step", lw=1.5,
-                     color=colours[k], label=f"{label} ({len(group)})")
-    thr_a = res["adaptation"]["threshold_recalibrated_on_A"]
-    for ax in axes:
-        ax.axvline(op["threshold"], color="black", ls="--", lw=1, label=f"mini-MIAS threshold {op['threshold']:.3f}")
-        ax.set(xlabel="abnormal score (1 - p(normal) of the most abnormal patch)", ylabel="density")
-    if np.isfinite(thr_a):
-        axes[1].axvline(thr_a, color="tab:orange", ls="-.", lw=1, label=f"recalibrated on half A {thr_a:.3f}")
-    axes[0].set_title("mini-MIAS (out-of-fold)")
-    axes[1].set_title(source)
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def _classifier_figures(out: Path, scored: pd.DataFrame, y: np.ndarray, mias_films: pd.DataFrame, op: dict,
                         res: dict, task: str, source: str) -> None:
-    save_figure(roc_figure(scored, y, res, task, source), out / "roc.png")
-    save_figure(score_histograms(scored, mias_films, op, res, source), out / "score_histograms.png")
+    from mammo_tf.plots import external as xplots
 
-
-def heatmap_figure(panels: Sequence[dict], ncols: int = 3) -> Figure:
-    """Films with the classifier's heat map (highest abnormal score of the patches covering each pixel)."""
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(4 * ncols, 4.3 * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, panel in zip(axes, panels):
-        ax.imshow(panel["image"], cmap="gray", vmin=0, vmax=255)
-        im = ax.imshow(np.ma.masked_invalid(panel["heat"]), cmap="jet", vmin=0, vmax=1, alpha=0.35)
-        ax.set_title(panel["title"], fontsize=8)
-        ax.set_axis_off()
-    for ax in axes[len(panels):]:
-        ax.set_axis_off()
-    fig.colorbar(im, ax=list(axes), shrink=0.6, label="abnormal score")
-    return fig
+    save_figure(xplots.roc_figure(scored, y, res, task, source), out / "roc.png")
+    save_figure(xplots.score_histograms(scored, mias_films, op, res, source), out / "score_histograms.png")
 
 
 def _heatmap_examples(out: Path, ensemble: FoldEnsemble, images: pd.DataFrame, preds: pd.DataFrame, n: int) -> None:
@@ -696,44 +605,25 @@ def _heatmap_examples(out: Path, ensemble: FoldEnsemble, images: pd.DataFrame, p
             image = prepare_external(read_image(paths.loc[r.image_id, "path"]), paths.loc[r.image_id, "spacing_mm"])
             _, heat = classify.score_image(ensemble, image)
             ensemble.pop_fold_proba()
-            panels.append({"image": image, "heat": heat,
-                           "title": f"{why}\n{str(r.image_id).split('_png')[0]} ({r.label})\nscore {r.abnormal_score:.3f}"})
+            panels.append((image, heat,
+                           f"{why}\n{str(r.image_id).split('_png')[0]} ({r.label})\nscore {r.abnormal_score:.3f}"))
     if panels:
+        from mammo_tf.plots.classification import plot_heatmaps
+
         # Films are licensed derivatives: images/ is git-ignored.
-        save_figure(heatmap_figure(panels), out / "images" / "heatmaps.png")
+        save_figure(plot_heatmaps(*zip(*panels), ncols=3), out / "images" / "heatmaps.png")
 
 
 # --------------------------------------------------------------------------- detector evaluation
 
 
-def _detector_api() -> Any:
-    try:
-        from mammo_tf import detector
-    except ImportError as err:  # pragma: no cover - the detector module lands separately
-        raise NotImplementedError(f"mammo_tf.detector is not importable ({err})") from err
-    missing = [f for f in ("load_detector", "predict_batches", "to_original_pixels") if not hasattr(detector, f)]
-    if missing:  # pragma: no cover
-        raise NotImplementedError(f"mammo_tf.detector lacks {missing}, needed to run a detector on image arrays")
-    return detector
-
-
-def detect_prepared(model: Any, exp: Any, anchors: Any, films: Sequence[np.ndarray], batch_size: int = 8) -> list[dict]:
+def detect_films(model: Any, exp: Any, anchors: Any, films: Sequence[np.ndarray], batch_size: int = 8) -> list[dict]:
     """Detections on films already at 0.2 mm/px, in their pixels: each prepared as in the detector's whole protocol."""
-    from mammo_tf import patches
+    from mammo_tf import detector, patches
 
-    detector = _detector_api()
-    channels = exp.ssd_config().input_channels
-    prepared, transforms = [], []
-    for film in films:
-        square, _, transform = patches.prepare_whole(film, None, size=exp.image_size)
-        prepared.append(square)
-        transforms.append(transform)
-    stack = np.stack(prepared).astype(np.float32)[..., None] / 255.0
-    if channels == 3:
-        stack = np.repeat(stack, 3, axis=-1)
-    batches = (stack[i:i + batch_size] for i in range(0, len(stack), batch_size))
-    dets = detector.predict_batches(model, batches, anchors, exp)
-    return [{**d, "boxes": detector.to_original_pixels(d["boxes"], t, f.shape)} for d, t, f in zip(dets, transforms, films)]
+    prepared = [patches.prepare_whole(film, None, size=exp.image_size) for film in films]
+    return detector.detect_prepared(model, exp, anchors, [p[0] for p in prepared], [p[2] for p in prepared],
+                                    [f.shape for f in films], batch_size)
 
 
 def random_positions(detections: Sequence[dict], masks: Sequence[np.ndarray], seed: int = 0) -> list[dict]:
@@ -760,12 +650,11 @@ def evaluate_detector_external(model_dir: str | Path, data_root: str | Path, out
                                command: str | None = None, score_threshold: float | None = 0.01,
                                n_boot: int = 1000, n_examples: int = 12) -> dict:
     """Run a saved detector on an external set at 0.2 mm/px; FROC (lesion-free views included), CSVs and figures."""
-    from mammo_tf import patches
+    from mammo_tf import detector, patches
     from mammo_tf.imageio import read_image
     from mammo_tf.metrics.detection import DEFAULT_FROC_FPS, froc, sensitivity_at_fp
     from mammo_tf.plots import detection as dplots
 
-    detector = _detector_api()
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out_dir)
     model, exp, anchors = detector.load_detector(model_dir)
@@ -789,7 +678,7 @@ def evaluate_detector_external(model_dir: str | Path, data_root: str | Path, out
         rows.append({"image_id": r.image_id, "patient_id": r.patient_id, "label": r.label, "label_id": int(r.label_id),
                      "n_lesions": int(len(boxes)), "inverted": bool(photometric.is_inverted(raw)),
                      "height_0.2mm": film.shape[0], "width_0.2mm": film.shape[1]})
-    dets = detect_prepared(model, exp, anchors, films, batch_size=exp.train_config().batch_size)
+    dets = detect_films(model, exp, anchors, films, batch_size=exp.train_config().batch_size)
     n_lesions = sum(len(g["boxes"]) for g in gts)
 
     # Per image: the best detection score is an image-level abnormality score.
@@ -879,13 +768,13 @@ def _detector_rows(setting: dict, res: dict, prov: dict) -> list[dict]:
         values["mean FROC sens"] = c["mean_sensitivity"]
         note = "FP per image over all views; hit = box centre inside the lesion box; no malignant case in this set"
         if name.startswith("SSD, any"):
-            values.update({"image AUC": auc["auc"], "image AUC 95% CI": _fmt_ci(auc)})
+            values.update({"image AUC": auc["auc"], "image AUC 95% CI": format_ci(auc)})
             note += f"; image AUC: max detection score, {res['image_level']['task']}, patient bootstrap"
         if "random" in name:
             note = "baseline: the detector's own boxes and scores moved to random breast pixels (chance localisation)"
         rows.append({**common, "row": name, "values": values, "note": note})
     if not rows:
-        rows.append({**common, "row": "SSD, image level", "values": {"image AUC": auc["auc"], "image AUC 95% CI": _fmt_ci(auc)},
+        rows.append({**common, "row": "SSD, image level", "values": {"image AUC": auc["auc"], "image AUC 95% CI": format_ci(auc)},
                      "note": f"no lesion locations in this set: FROC undefined; {res['image_level']['task']}"})
     return rows
 

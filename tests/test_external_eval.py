@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mammo_tf import external_eval as X
+from mammo_tf.plots import external as xplots
 
 RSNA = "rsna-640"
 DDSM = "mini-ddsm-sample"
@@ -270,7 +271,7 @@ def test_evaluate_classifier_external_end_to_end(tmp_path, shared_data):
         assert (out / name).stat().st_size > 0
     # The half-B ROC panel draws the baseline beside the CNN.
     scored = preds[preds["error"].isna()].reset_index(drop=True)
-    fig = X.roc_figure(scored, scored["target"].to_numpy(), detail, setting["task"], setting["source"])
+    fig = xplots.roc_figure(scored, scored["target"].to_numpy(), detail, setting["task"], setting["source"])
     legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert any(t.startswith("logistic") for t in legend) and any(t.startswith("recalibrated") for t in legend)
 

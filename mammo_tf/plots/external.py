@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import cv2
 import matplotlib.pyplot as plt
@@ -106,5 +107,82 @@ def outline_overlays(ddsm: pd.DataFrame, n: int | None = 8, ncols: int = 4, pad:
         ax.set_title(f"{row.image_id} #{row.abnormality_no}\n{row.abnormality}, {row.label}", fontsize=8)
         ax.set_axis_off()
     fig.suptitle("DDSM outline (red, chain code) vs mask (cyan)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def format_ci(ci: Mapping | Sequence[float]) -> str:
+    """A confidence interval as 'low-high' (3 decimals), or 'n/a' when undefined."""
+    low, high = (ci["ci_low"], ci["ci_high"]) if isinstance(ci, Mapping) else ci
+    return "n/a" if not (np.isfinite(low) and np.isfinite(high)) else f"{low:.3f}-{high:.3f}"
+
+
+def _roc_axes(ax: Any, curves: list[tuple[str, np.ndarray, np.ndarray, str, str]],
+              points: list[tuple[str, dict, str, str]], title: str) -> None:
+    from sklearn.metrics import RocCurveDisplay
+
+    for name, y, score, colour, ls in curves:
+        if len(np.unique(y)) < 2:
+            ax.plot([], [], color=colour, ls=ls, label=f"{name}: undefined (one class)")
+            continue
+        RocCurveDisplay.from_predictions(y, score, name=name, ax=ax, curve_kwargs={"color": colour, "ls": ls},
+                                         plot_chance_level=False)
+    for name, pt, colour, marker in points:
+        if np.isfinite(pt["sensitivity"]) and np.isfinite(pt["specificity"]):
+            ax.plot(1 - pt["specificity"], pt["sensitivity"], marker, color=colour, ms=8, mec="black",
+                    label=f"{name}: sens {pt['sensitivity']:.2f}, spec {pt['specificity']:.2f}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="chance (AUC 0.5)")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.legend(loc="lower right", fontsize=7)
+
+
+def roc_figure(scored: pd.DataFrame, y: np.ndarray, res: dict, task: str, source: str) -> Figure:
+    """ROC on all images (AUC and patient-bootstrap CI in the legend) and on half B with both operating points."""
+    fig = Figure(figsize=(11, 5))
+    left, right = fig.subplots(1, 2)
+    a, p, adapt = res["abnormal_score"]["auc"], res["p_malignant"]["auc"], res["adaptation"]
+    _roc_axes(left, [
+        (f"CNN abnormal score (CI {format_ci(a)})", y, scored["abnormal_score"].to_numpy(), "black", "-"),
+        (f"CNN p(malignant) (CI {format_ci(p)})", y, scored["p_malignant"].to_numpy(), "tab:red", "--"),
+    ], [("mini-MIAS threshold", res["abnormal_score"]["at_mias_threshold"], "tab:blue", "o")],
+        f"{source}, all images ({task})")
+    b = (scored["half"] == "B").to_numpy()
+    curves = [(f"CNN abnormal score (CI {format_ci(adapt['cnn_auc_B'])})", y[b], scored["abnormal_score"].to_numpy()[b],
+               "black", "-")]
+    if "logistic_score" in scored and scored.loc[b, "logistic_score"].notna().all() and b.any():
+        curves.append((f"logistic, intensity (CI {format_ci(adapt['logistic']['auc_B'])})", y[b],
+                       scored.loc[b, "logistic_score"].to_numpy(), "tab:green", "-."))
+    _roc_axes(right, curves, [("mini-MIAS threshold", adapt["cnn_mias_threshold_B"], "tab:blue", "o"),
+                              ("recalibrated on half A", adapt["cnn_recalibrated_B"], "tab:orange", "s")],
+              f"{source}, half B (patients not used for recalibration)")
+    fig.tight_layout()
+    return fig
+
+
+def score_histograms(scored: pd.DataFrame, mias_films: pd.DataFrame, op: dict, res: dict, source: str) -> Figure:
+    """Abnormal-score distributions per class: mini-MIAS out-of-fold films beside the external images, thresholds marked."""
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 2, sharex=True)
+    bins = np.linspace(0, 1, 41)
+    colours = {0: "tab:blue", 1: "tab:green", 2: "tab:red"}
+    mias_names = {0: "normal", 1: "benign", 2: "malignant"}
+    for k, name in mias_names.items():
+        s = mias_films.loc[mias_films["label_id"] == k, "abnormal_score"]
+        if len(s):
+            axes[0].hist(s, bins=bins, density=True, histtype="step", lw=1.5, color=colours[k], label=f"{name} ({len(s)})")
+    for label, group in scored.groupby("label", sort=False):
+        k = int(group["label_id"].iloc[0])
+        axes[1].hist(group["abnormal_score"], bins=bins, density=True, histtype="step", lw=1.5,
+                     color=colours[k], label=f"{label} ({len(group)})")
+    thr_a = res["adaptation"]["threshold_recalibrated_on_A"]
+    for ax in axes:
+        ax.axvline(op["threshold"], color="black", ls="--", lw=1, label=f"mini-MIAS threshold {op['threshold']:.3f}")
+        ax.set(xlabel="abnormal score (1 - p(normal) of the most abnormal patch)", ylabel="density")
+    if np.isfinite(thr_a):
+        axes[1].axvline(thr_a, color="tab:orange", ls="-.", lw=1, label=f"recalibrated on half A {thr_a:.3f}")
+    axes[0].set_title("mini-MIAS (out-of-fold)")
+    axes[1].set_title(source)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
