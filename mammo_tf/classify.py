@@ -33,7 +33,7 @@ import pandas as pd
 from mammo_tf import baselines, patches, pipelines, training
 from mammo_tf.config import ConfigError, from_dict, load_config, provenance, save_config
 from mammo_tf.data import mias, splits
-from mammo_tf.io import atomic_path, save_figure, save_json
+from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 from mammo_tf.metrics import classification as cm
 
 METRIC_KEYS = {"accuracy": "accuracy", "balanced acc": "balanced_accuracy", "macro AUC": "macro_roc_auc",
@@ -54,6 +54,7 @@ class ClassifierExperiment:
     patch_options: dict = field(default_factory=lambda: {"jitter": 16})
     normal_per_abnormal: float | None = 3.0   # subsample normal training patches to this ratio
     balance: str = "class_weight"             # class_weight | resample | none
+    augment: bool = True                      # random flips / 90-degree rotations of training patches
     max_angle: float = 0.0
     epoch_repeats: int = 1                    # passes over the (augmented) training patches per epoch
     max_films: int | None = None              # small setting: a subset of patients
@@ -82,14 +83,49 @@ def _patch_pixels(records: pd.DataFrame, films: patches.FilmCache) -> np.ndarray
     return np.stack([patches.cut(films.image(r.refnum), r) for r in records.itertuples()])
 
 
-def film_scores(records: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
-    """Whole-mammogram probabilities: each film takes the probabilities of its most abnormal patch."""
+# How a film's patch abnormality scores `1 - p(normal)` become one film score. Fixed candidates,
+# chosen per fold on validation patients (never on test patients): the standard multiple-instance
+# max, a top-3 mean less sensitive to one stray patch, the peak relative to the film's own median
+# patch (dense breasts raise every patch), and the mean (a global density measure).
+FILM_RULES: dict[str, Any] = {
+    "max": np.max,
+    "top3_mean": lambda s: float(np.sort(s)[-3:].mean()),
+    "max_minus_median": lambda s: float(np.max(s) - np.median(s)),
+    "mean": np.mean,
+}
+
+
+def film_scores(records: pd.DataFrame, proba: np.ndarray, rule: str = "max") -> pd.DataFrame:
+    """Whole-mammogram probabilities: film abnormal score by `rule`, split benign/malignant like its most abnormal patch.
+
+    With ``rule="max"`` the film takes exactly the probabilities of its most abnormal patch.
+    """
+    if rule not in FILM_RULES:
+        raise ValueError(f"unknown film rule {rule!r} (expected one of {sorted(FILM_RULES)})")
     abnormal = 1.0 - proba[:, 0]
     frame = records[["refnum"]].assign(_score=abnormal, _row=np.arange(len(records)))
-    best = frame.loc[frame.groupby("refnum")["_score"].idxmax()]
-    out = pd.DataFrame(proba[best["_row"].to_numpy()], columns=list(mias.CLASSES), index=best["refnum"].to_numpy())
-    out["abnormal_score"] = best["_score"].to_numpy()
+    best = frame.loc[frame.groupby("refnum")["_score"].idxmax()].set_index("refnum")
+    score = frame.groupby("refnum")["_score"].agg(FILM_RULES[rule]).loc[best.index].to_numpy(np.float64)
+    lesion = proba[best["_row"].to_numpy(), 1:].astype(np.float64)
+    share = lesion / np.maximum(lesion.sum(axis=1, keepdims=True), 1e-12)
+    out = pd.DataFrame(np.column_stack([1.0 - score, score[:, None] * share]), columns=list(mias.CLASSES),
+                       index=best.index.to_numpy())
+    out["abnormal_score"] = score
     return out.sort_index()
+
+
+def choose_film_rule(records: pd.DataFrame, proba: np.ndarray, labels: pd.Series) -> tuple[str, dict[str, float]]:
+    """The film rule with the best abnormal-vs-normal AUC on these (validation) films; 'max' when undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs: dict[str, float] = {}
+    for rule in FILM_RULES:
+        scores = film_scores(records, proba, rule)
+        y = (labels.loc[scores.index].to_numpy() > 0).astype(int)
+        aucs[rule] = float(roc_auc_score(y, scores["abnormal_score"])) if 0 < y.sum() < len(y) else float("nan")
+    finite = {r: a for r, a in aucs.items() if np.isfinite(a)}
+    # Ties keep the order of FILM_RULES (max first).
+    return (max(finite, key=lambda r: (finite[r], -list(FILM_RULES).index(r))) if finite else "max"), aucs
 
 
 def score_image(model: Any, image: np.ndarray, size: int | None = None, mask: np.ndarray | None = None,
@@ -172,17 +208,22 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     val, _ = pipelines.split_records(own, va_pat, test_pat)
     pipelines.assert_no_patient_leak(train, val, test)
     train = _subsample_normals(train, exp.normal_per_abnormal, exp.seed + k)
+    # The validation patches get the training class mix: their loss is then comparable to the training
+    # loss, and an epoch does not spend most of its time scoring thousands of normal grid patches.
+    val = _subsample_normals(val, exp.normal_per_abnormal, exp.seed + k)
     tcfg = from_dict(training.TrainConfig, {"seed": exp.seed + k, **exp.train})
     mcfg = clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size})
     kw = dict(batch_size=tcfg.batch_size, films=films)
-    train_ds = pipelines.patch_dataset(train, training=True, seed=exp.seed + k, max_angle=exp.max_angle,
+    train_ds = pipelines.patch_dataset(train, training=True, seed=exp.seed + k, augment_train=exp.augment,
+                                       max_angle=exp.max_angle,
                                        balance="resample" if exp.balance == "resample" else None, **kw)
     train_ds = train_ds.repeat(exp.epoch_repeats)
     val_ds = pipelines.patch_dataset(val, training=False, **kw)
     weights = pipelines.class_weights(train) if exp.balance == "class_weight" else None
     fold_dir = out / f"fold{k}"
     model_path = fold_dir / "model.keras"
-    if model_path.is_file():
+    trained_here = not model_path.is_file()
+    if not trained_here:
         # A finished fold is evaluated, not retrained (resume, and `evaluate-classifier`).
         model = keras.saving.load_model(model_path, safe_mode=True)
         history = pd.read_csv(fold_dir / "history.csv")
@@ -194,7 +235,7 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
         with atomic_path(model_path) as tmp:
             model.save(tmp)
 
-    result: dict[str, Any] = {"fold": k, "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
+    result: dict[str, Any] = {"fold": k, "trained_here": trained_here, "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
                               "epochs_run": int(len(history))}
     # Does the network fit its own training set? (Evaluated without augmentation.)
     result["train_own"] = _report(train["label_id"].to_numpy(), _predict(model, train, films, tcfg.batch_size))
@@ -211,18 +252,27 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     # Whole mammogram: every grid patch over the breast, labelled or not.
     whole = records["whole"]
     test_whole = whole[whole["patient_id"].isin(test_pat)]
-    scores = film_scores(test_whole, _predict(model, test_whole, films, tcfg.batch_size))
+    test_proba = _predict(model, test_whole, films, tcfg.batch_size)
+    scores = film_scores(test_whole, test_proba)
     film_labels = mias.images_table(ann).set_index("refnum")["label_id"]
     y_film = film_labels.loc[scores.index].to_numpy()
     train_films = sorted(ann[ann["patient_id"].isin(train_pat)]["refnum"].unique())
+    # The film rule is chosen on the validation patients, whose films the network never trained on.
+    val_whole = whole[whole["patient_id"].isin(va_pat)]
+    rule, val_aucs = choose_film_rule(val_whole, _predict(model, val_whole, films, tcfg.batch_size), film_labels)
+    chosen = film_scores(test_whole, test_proba, rule)
+    result["film_rule"] = {"chosen": rule, "validation_abnormal_auc": val_aucs, "n_validation_films": int(val_whole["refnum"].nunique())}
     result["image"] = {
         "cnn": _report(y_film, scores[list(mias.CLASSES)].to_numpy()),
+        "cnn_film_rule": _report(y_film, chosen[list(mias.CLASSES)].to_numpy()),
         "majority": _report(y_film, baselines.majority_proba(film_labels.loc[train_films].to_numpy(), len(y_film))),
         "logistic": _report(y_film, baselines.logistic_proba(
             _film_features(train_films, films), film_labels.loc[train_films].to_numpy(),
             _film_features(list(scores.index), films))),
     }
-    scores.assign(label_id=y_film, fold=k).to_csv(fold_dir / "film_predictions.csv", index_label="refnum")
+    per_rule = {f"score_{r}": film_scores(test_whole, test_proba, r)["abnormal_score"] for r in FILM_RULES}
+    scores.assign(**per_rule, chosen_rule=rule, label_id=y_film, fold=k).to_csv(
+        fold_dir / "film_predictions.csv", index_label="refnum")
     return result
 
 
@@ -244,7 +294,8 @@ def _naive_split_audit(exp: ClassifierExperiment, ann: pd.DataFrame, films: patc
     kw = dict(batch_size=tcfg.batch_size, films=films)
     model, _ = training.fit(lambda: clf.build_classifier(mcfg), lambda: {
         "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
-        pipelines.patch_dataset(train, training=True, seed=exp.seed, **kw),
+        pipelines.patch_dataset(train, training=True, seed=exp.seed, augment_train=exp.augment, max_angle=exp.max_angle,
+                                **kw),
         pipelines.patch_dataset(val.reset_index(drop=True), training=False, **kw), tcfg, out / "naive_split",
         class_weight=pipelines.class_weights(train), verbose=2)
     shared = len(set(train["patient_id"]) & set(test["patient_id"]))
@@ -263,7 +314,7 @@ def _films_subset(ann: pd.DataFrame, exp: ClassifierExperiment) -> list[str] | N
     return sorted(ann[ann["patient_id"].isin(chosen)]["refnum"].unique())
 
 
-def _rows(summary: dict, exp: ClassifierExperiment, prov: dict) -> list[dict]:
+def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict] | None = None) -> list[dict]:
     leak = exp.strategy == "lesion_centred"
     hardware = f"{prov['hardware']['cpu']} ({prov['hardware']['cpu_count']} cores), GPUs: {prov['hardware']['gpus']}"
     common = {"command": prov["command"], "hardware": hardware, "date": prov["date"]}
@@ -276,21 +327,38 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict) -> list[dict]:
     if exp.strategy == "grid_keep":
         tables = tables[1:]  # its own test patches are the grid_keep ones: the same table twice otherwise
     fitted_on = f" (fitted on {exp.strategy} {exp.size} training patches)"
+    epochs = exp.train.get("epochs", training.TrainConfig.epochs)
+    recipe = f"{epochs} epochs, " + ("flips/rot90" if exp.augment else "no augmentation")
+    fit = summary.get("train_own.balanced_accuracy")
     rows = []
     for key, title, note in tables:
         for model in ("cnn", "majority", "logistic"):
             # Patch-level baselines are fitted on each experiment's own training patches; film-level ones
             # on the films, the same for every experiment.
             suffix = fitted_on if key != "image" else ""
-            label = {"cnn": f"CNN trained on {exp.strategy} {exp.size}", "majority": "majority class" + suffix,
+            label = {"cnn": f"CNN trained on {exp.strategy} {exp.size} ({recipe})", "majority": "majority class" + suffix,
                      "logistic": "logistic regression, intensity features" + suffix}[model]
             values = {}
             for col, metric in METRIC_KEYS.items():
                 s = summary.get(f"{key}.{model}.{metric}")
                 values[col] = [s["mean"], s["std"]] if s else float("nan")
+            if model == "cnn" and key != "image" and fit:
+                # Does the network fit its own (unaugmented) training patches? Underfitting shows here.
+                values["train bal. acc (fit check)"] = [fit["mean"], fit["std"]]
             notes = [note] if note and model == "cnn" else []
             notes.append(f"n_folds={summary.get('n_folds', '?')}")
             rows.append({"table": title, "row": label, "values": values, "note": "; ".join(notes), **common})
+    chosen = [f["film_rule"]["chosen"] for f in folds or [] if "film_rule" in f]
+    if chosen and "image.cnn_film_rule.macro_roc_auc" in summary:
+        title = "Classification, whole mammogram (film rule chosen on validation patients)"
+        for model, label, note in (
+                ("cnn_film_rule", f"CNN trained on {exp.strategy} {exp.size} ({recipe})",
+                 f"rule per fold: {', '.join(chosen)} (best validation AUC among {', '.join(FILM_RULES)}); "),
+                ("majority", "majority class", ""), ("logistic", "logistic regression, intensity features", "")):
+            values = {col: [summary[f"image.{model}.{m}"]["mean"], summary[f"image.{model}.{m}"]["std"]]
+                      for col, m in METRIC_KEYS.items() if f"image.{model}.{m}" in summary}
+            rows.append({"table": title, "row": label, "values": values,
+                         "note": f"{note}n_folds={summary.get('n_folds', '?')}", **common})
     from mammo_tf.models import classifier as clf
 
     counts = clf.count_params_pair(clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size}))
@@ -302,6 +370,16 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict) -> list[dict]:
         rows.append({"table": tables[0][1], "row": f"CNN, naive random patch split (LEAKY)", "values": values,
                      "note": "patients on both sides of the split: not a valid estimate", **common})
     return rows
+
+
+def refresh_rows(exp_dir: str | Path) -> list[dict]:
+    """Rebuild the report rows of a finished run from its stored summary (labels change, numbers cannot)."""
+    path = Path(exp_dir) / "metrics.json"
+    metrics = load_json(path)
+    exp = from_dict(ClassifierExperiment, metrics["experiment"])
+    metrics["results"] = _rows(metrics["summary"], exp, metrics["provenance"], metrics.get("folds"))
+    save_json(path, metrics)
+    return metrics["results"]
 
 
 def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str | None = None) -> dict:
@@ -341,8 +419,13 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     summary["n_folds"] = n_run
     prov = provenance(command)
     prov["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    earlier = out / "metrics.json"
+    if earlier.is_file() and not any(r["trained_here"] for r in fold_results):
+        # A re-evaluation: keep how, when and how fast the models were trained.
+        old = load_json(earlier)["provenance"]
+        prov["trained_by"] = old.get("trained_by") or {k: old[k] for k in ("command", "date", "wall_time_s", "hardware") if k in old}
     metrics = {"experiment": dataclasses.asdict(exp), "summary": summary, "folds": fold_results,
-               "provenance": prov, "results": _rows(summary, exp, prov)}
+               "provenance": prov, "results": _rows(summary, exp, prov, fold_results)}
     save_json(out / "metrics.json", metrics)
     _figures(out, fold_results, cplots)
     return metrics

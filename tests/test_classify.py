@@ -1,0 +1,88 @@
+"""The classifier experiment's report rows: recipe in the label, fit check, rebuilt from a stored summary."""
+
+from __future__ import annotations
+
+import json
+
+from mammo_tf import classify
+
+
+def _summary() -> dict:
+    summary = {"n_folds": 5, "train_own.balanced_accuracy": {"mean": 0.86, "std": 0.02}}
+    for key in ("patch_own", "patch_grid", "image"):
+        for model in ("cnn", "majority", "logistic"):
+            for metric in classify.METRIC_KEYS.values():
+                summary[f"{key}.{model}.{metric}"] = {"mean": 0.7, "std": 0.05}
+    return summary
+
+
+def test_rows_name_the_recipe_and_carry_the_fit_check_on_patch_tables_only():
+    exp = classify.ClassifierExperiment(strategy="grid_keep", augment=False, train={"epochs": 60})
+    prov = {"command": "c", "date": "d", "hardware": {"cpu": "x", "cpu_count": 2, "gpus": "none"}}
+    rows = classify._rows(_summary(), exp, prov)
+    cnn = [r for r in rows if r["row"].startswith("CNN")]
+    assert cnn and all("(60 epochs, no augmentation)" in r["row"] for r in cnn)
+    for r in cnn:
+        has_fit = "train bal. acc (fit check)" in r["values"]
+        assert has_fit == (not r["table"].startswith("Classification, whole mammogram"))
+        if has_fit:
+            assert r["values"]["train bal. acc (fit check)"] == [0.86, 0.02]
+    assert not any("fit check" in c for r in rows if not r["row"].startswith("CNN") for c in r["values"])
+
+
+def test_refresh_rows_rebuilds_labels_without_touching_numbers(tmp_path):
+    exp = classify.ClassifierExperiment(name="old", strategy="lesion_centred")
+    prov = {"command": "c", "date": "d", "hardware": {"cpu": "x", "cpu_count": 2, "gpus": "none"}}
+    stored = {"experiment": {k: v for k, v in vars(exp).items() if k != "augment"},  # written before the field existed
+              "summary": _summary(), "provenance": prov, "results": [{"row": "stale label"}]}
+    (tmp_path / "metrics.json").write_text(json.dumps(stored))
+    rows = classify.refresh_rows(tmp_path)
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert again["summary"] == stored["summary"] and again["provenance"] == prov
+    assert again["results"] == rows and all(r["row"] != "stale label" for r in rows)
+    assert any("(10 epochs, flips/rot90)" in r["row"] for r in rows)  # TrainConfig's default epochs
+
+
+def test_film_scores_max_rule_is_the_most_abnormal_patch_and_other_rules_differ():
+    import numpy as np
+    import pandas as pd
+
+    records = pd.DataFrame({"refnum": ["a", "a", "a", "b", "b"]})
+    proba = np.array([[0.9, 0.05, 0.05], [0.2, 0.6, 0.2], [0.5, 0.1, 0.4], [0.7, 0.1, 0.2], [0.6, 0.3, 0.1]])
+    top = classify.film_scores(records, proba, "max")
+    np.testing.assert_allclose(top.loc["a", ["normal", "benign", "malignant"]], [0.2, 0.6, 0.2])
+    np.testing.assert_allclose(top.loc["b", "abnormal_score"], 0.4)
+    med = classify.film_scores(records, proba, "max_minus_median")
+    np.testing.assert_allclose(med["abnormal_score"], [0.8 - 0.5, 0.4 - 0.35])
+    # The lesion share follows the most abnormal patch; probabilities still sum to one.
+    np.testing.assert_allclose(med.loc["a", "benign"] / med.loc["a", "malignant"], 3.0)
+    np.testing.assert_allclose(med[["normal", "benign", "malignant"]].sum(axis=1), 1.0)
+    np.testing.assert_allclose(classify.film_scores(records, proba, "top3_mean").loc["b", "abnormal_score"], 0.35)
+
+
+def test_choose_film_rule_picks_the_best_validation_auc_and_falls_back_to_max():
+    import numpy as np
+    import pandas as pd
+
+    # Film c is abnormal with one stray high patch on normal film n1; only the film-relative rule separates them.
+    records = pd.DataFrame({"refnum": ["c"] * 3 + ["n1"] * 3 + ["n2"] * 3})
+    abnormal = np.array([0.9, 0.1, 0.1, 0.95, 0.9, 0.9, 0.5, 0.5, 0.5])
+    proba = np.column_stack([1 - abnormal, abnormal / 2, abnormal / 2])
+    labels = pd.Series({"c": 2, "n1": 0, "n2": 0})
+    rule, aucs = classify.choose_film_rule(records, proba, labels)
+    assert rule == "max_minus_median" and aucs["max_minus_median"] == 1.0 and aucs["max"] == 0.5
+    assert classify.choose_film_rule(records, proba, pd.Series({"c": 0, "n1": 0, "n2": 0}))[0] == "max"
+
+
+def test_film_rule_table_names_each_folds_rule_and_keeps_the_baselines_beside_it():
+    summary = _summary()
+    for metric in classify.METRIC_KEYS.values():
+        summary[f"image.cnn_film_rule.{metric}"] = {"mean": 0.66, "std": 0.01}
+    prov = {"command": "c", "date": "d", "hardware": {"cpu": "x", "cpu_count": 2, "gpus": "none"}}
+    folds = [{"film_rule": {"chosen": "max"}}, {"film_rule": {"chosen": "max_minus_median"}}]
+    rows = [r for r in classify._rows(summary, classify.ClassifierExperiment(), prov, folds)
+            if r["table"].endswith("(film rule chosen on validation patients)")]
+    assert [r["row"].split(" (")[0] for r in rows] == ["CNN trained on lesion_centred 128", "majority class",
+                                                       "logistic regression, intensity features"]
+    assert rows[0]["values"]["macro AUC"] == [0.66, 0.01] and "rule per fold: max, max_minus_median" in rows[0]["note"]
+    assert not [r for r in classify._rows(summary, classify.ClassifierExperiment(), prov) if "film rule" in r["table"]]
