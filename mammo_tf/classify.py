@@ -366,9 +366,11 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
                  "values": {"depthwise-separable (ours)": counts["separable"], "ordinary convolutions": counts["ordinary"],
                             "ratio": round(counts["ratio"], 3)}, "note": "4 conv (2 separable), 1 pooling, 1 dense", **common})
     if "naive.cnn.macro_roc_auc" in summary:
-        values = {col: [summary[f"naive.cnn.{m}"]["mean"], summary[f"naive.cnn.{m}"]["std"]] for col, m in METRIC_KEYS.items()}
-        rows.append({"table": tables[0][1], "row": f"CNN, naive random patch split (LEAKY)", "values": values,
-                     "note": "patients on both sides of the split: not a valid estimate", **common})
+        # One random split, copied into every fold's results: its spread over folds is not a spread.
+        values = {col: [summary[f"naive.cnn.{m}"]["mean"], float("nan")] for col, m in METRIC_KEYS.items()}
+        rows.append({"table": tables[0][1], "row": f"CNN, naive random patch split (LEAKY) ({recipe})", "values": values,
+                     "note": "one random split of the patches; patients on both sides of the split: not a valid estimate",
+                     **common})
     return rows
 
 

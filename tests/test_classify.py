@@ -86,3 +86,16 @@ def test_film_rule_table_names_each_folds_rule_and_keeps_the_baselines_beside_it
                                                        "logistic regression, intensity features"]
     assert rows[0]["values"]["macro AUC"] == [0.66, 0.01] and "rule per fold: max, max_minus_median" in rows[0]["note"]
     assert not [r for r in classify._rows(summary, classify.ClassifierExperiment(), prov) if "film rule" in r["table"]]
+
+
+def test_naive_split_row_has_no_spread_and_names_its_recipe():
+    summary = _summary()
+    for metric in classify.METRIC_KEYS.values():
+        summary[f"naive.cnn.{metric}"] = {"mean": 0.8, "std": 0.0}
+    prov = {"command": "c", "date": "d", "hardware": {"cpu": "x", "cpu_count": 2, "gpus": "none"}}
+    rows = classify._rows(summary, classify.ClassifierExperiment(augment=False, train={"epochs": 60}), prov)
+    (leaky,) = [r for r in rows if "LEAKY" in r["row"]]
+    assert leaky["row"].endswith("(60 epochs, no augmentation)")
+    from mammo_tf.report import format_value
+
+    assert format_value(leaky["values"]["macro AUC"]) == "0.800"
