@@ -247,6 +247,21 @@ def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     assert film.read_bytes() == original
 
 
+def test_interrupted_download_is_fetched_again(tmp_path, monkeypatch):
+    """A download killed half-way leaves a partial archive in the cache: the next fetch replaces it."""
+    import hashlib
+
+    source = Path(mias._origin(None).removeprefix("file://"))
+    monkeypatch.setenv(mias.CACHE_ENV, str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "mini-mias"
+    root.mkdir(parents=True)
+    partial = root / mias.ARCHIVE_NAME
+    partial.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    folder = mias.fetch(source)
+    assert hashlib.sha256(partial.read_bytes()).hexdigest() == mias.ARCHIVE_SHA256
+    assert (folder / "mdb322.pgm").is_file() and len(list(folder.glob("mdb*.pgm"))) == 322
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 
