@@ -11,7 +11,8 @@ patients are scored three ways:
 - *whole mammogram*: every ``grid_keep`` patch over the breast of a test film is classified; the
   film takes the probabilities of its most abnormal patch (highest ``1 - p(normal)``), so its
   abnormality score is ``max(1 - p(normal))`` over the breast. This is the classifier that gates
-  the detector in the cascade.
+  the detector in the cascade. Beside it, each fold picks a film rule (`FILM_RULES`: max, top-3
+  mean, peak minus the film's median patch, mean) on its validation patients and reports that too.
 
 Baselines on the same folds: the majority class (training prior) and a class-balanced logistic
 regression on simple intensity features (of the patch, or of the film's breast region).
@@ -52,7 +53,7 @@ class ClassifierExperiment:
     val_fraction: float = 0.2
     seed: int = 0
     patch_options: dict = field(default_factory=lambda: {"jitter": 16})
-    normal_per_abnormal: float | None = 3.0   # subsample normal training patches to this ratio
+    normal_per_abnormal: float | None = 3.0   # subsample normal training (and validation) patches to this ratio
     balance: str = "class_weight"             # class_weight | resample | none
     augment: bool = True                      # random flips / 90-degree rotations of training patches
     max_angle: float = 0.0
