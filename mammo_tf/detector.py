@@ -711,7 +711,8 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
              else "Detection (mini-MIAS, whole films: no prior location)")
     common = {"table": table, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
     init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
-    name = f"SSD{exp.image_size} {cfg.backbone} ({init})" + (" [LEAKY split]" if exp.naive_split else "")
+    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {exp.train_config().epochs} epochs)"
+            + (" [LEAKY split]" if exp.naive_split else ""))
     return [
         {**common, "row": name, "values": _row_values(summary),
          "note": f"{protocol}; {split}; VOC AP at IoU >= {exp.iou_threshold:g}; FROC: box centre in lesion"},
@@ -721,6 +722,18 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
                     "mAP": POSTER_REFERENCE["mAP"]},
          "note": POSTER_NOTE},
     ]
+
+
+def refresh_rows(model_dir: str | Path) -> list[dict]:
+    """Rebuild the report rows of an evaluated detector from its stored summary (labels change, numbers cannot)."""
+    path = Path(model_dir) / "metrics.json"
+    metrics = load_json(path)
+    exp = from_dict(DetectorExperiment, metrics["experiment"])
+    summary = metrics["summary"]
+    metrics["results"] = _result_rows(exp, summary["model"], summary["oracle_boxes_random_class"],
+                                      len(metrics["folds"]), metrics["provenance"])
+    save_json(path, metrics)
+    return metrics["results"]
 
 
 def _example_panels(exp: DetectorExperiment, samples: Samples, records: pd.DataFrame, gts: list[dict],

@@ -168,3 +168,18 @@ def test_detect_images_pgm_and_corrupt_file(trained, tmp_path):
     assert [("error" in r) for r in summary["results"]] == [True, False]
     with pytest.raises(FileNotFoundError, match="no model.keras"):
         D.detect_images([good], tmp_path, tmp_path / "out2")
+
+
+def test_refresh_rows_names_the_schedule_and_keeps_the_numbers(tmp_path):
+    import json
+    import shutil
+
+    shutil.copy("models/ssd_cnn300_crops_clfinit/metrics.json", tmp_path / "metrics.json")
+    before = json.loads((tmp_path / "metrics.json").read_text())
+    rows = D.refresh_rows(tmp_path)
+    after = json.loads((tmp_path / "metrics.json").read_text())
+    assert rows[0]["row"].endswith(f"{before['experiment']['train']['epochs']} epochs)")
+    # Compared as JSON text: the rows hold NaN (undefined fit check of the oracle), and NaN != NaN.
+    assert json.dumps([r["values"] for r in rows]) == json.dumps([r["values"] for r in before["results"]])
+    assert json.dumps({k: v for k, v in after.items() if k != "results"}) == json.dumps(
+        {k: v for k, v in before.items() if k != "results"})
