@@ -125,12 +125,12 @@ def test_end_to_end_training_writes_metrics(trained):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
     rows = {r["row"]: r for r in on_disk["results"]}
-    assert set(rows) == {"SSD96 cnn (random)", "Oracle boxes, random class", "Poster (reference)"}
+    assert set(rows) == {"SSD96 cnn (random, 1 epochs)", "Oracle boxes, random class", "Poster (reference)"}
     assert rows["Poster (reference)"]["values"] == {"benign AP": 0.80, "malignant AP": 0.806, "mAP": 0.803}
     assert "not reproduced" in rows["Poster (reference)"]["note"]
     for r in on_disk["results"]:
         assert r["table"].startswith("Detection") and r["command"] == "pytest" and r["date"] and r["hardware"]
-    model = rows["SSD96 cnn (random)"]["values"]
+    model = rows["SSD96 cnn (random, 1 epochs)"]["values"]
     assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP", "train mAP (fit check)"}
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())  # one fold: plain numbers
     assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
