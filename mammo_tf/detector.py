@@ -703,6 +703,13 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     return metrics
 
 
+def _augmentation_label(exp: DetectorExperiment) -> str:
+    """How the training images were augmented, for the report row."""
+    if not exp.augment:
+        return "no augmentation"
+    return "flips/rot90" + (f"/rotation up to {exp.max_angle:g} deg" if exp.max_angle > 0 else "")
+
+
 def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: int, prov: dict) -> list[dict]:
     cfg = exp.ssd_config()
     split = LEAKY_NOTE if exp.naive_split else f"{n_folds} of {exp.folds} patient folds"
@@ -711,7 +718,7 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
              else "Detection (mini-MIAS, whole films: no prior location)")
     common = {"table": table, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
     init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
-    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {exp.train_config().epochs} epochs)"
+    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {exp.train_config().epochs} epochs, {_augmentation_label(exp)})"
             + (" [LEAKY split]" if exp.naive_split else ""))
     return [
         {**common, "row": name, "values": _row_values(summary),

