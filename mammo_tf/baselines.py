@@ -62,3 +62,37 @@ def oracle_boxes_random_class(
             "scores": rng.uniform(size=len(boxes)).astype(np.float32),
         })
     return detections
+
+
+def random_boxes_random_class(
+    masks: list[np.ndarray], sides: np.ndarray, n_per_image: int = 10, class_ids: tuple[int, ...] = (1, 2),
+    seed: int = 0,
+) -> list[dict]:
+    """Detection reference with no knowledge of the image: boxes at random places in the region, random class and score.
+
+    Each image gets ``n_per_image`` square boxes centred on pixels drawn uniformly from its region
+    mask (``(H, W)`` bool; an empty mask means the whole image), their sides drawn from ``sides``
+    (the training lesions', as fractions of the image side). Boxes are normalised ``[y1, x1, y2, x2]``,
+    clipped to the image. It tells what FROC and AP a detector gets by chance.
+    """
+    sides = np.asarray(sides, dtype=np.float64).ravel()
+    if sides.size == 0 or not np.all((sides > 0) & (sides <= 1)):
+        raise ValueError("sides must be a non-empty set of fractions in (0, 1]")
+    if n_per_image < 1:
+        raise ValueError(f"n_per_image must be >= 1, got {n_per_image}")
+    rng = np.random.default_rng(seed)
+    detections = []
+    for mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        h, w = mask.shape
+        ys, xs = np.nonzero(mask) if mask.any() else np.nonzero(np.ones_like(mask))
+        pick = rng.integers(0, len(ys), size=n_per_image)
+        centre = np.stack([(ys[pick] + 0.5) / h, (xs[pick] + 0.5) / w], axis=1)
+        half = rng.choice(sides, size=n_per_image)[:, None] / 2.0
+        boxes = np.clip(np.concatenate([centre - half, centre + half], axis=1), 0.0, 1.0)
+        detections.append({
+            "boxes": boxes,
+            "labels": rng.choice(class_ids, size=n_per_image).astype(np.int64),
+            "scores": rng.uniform(size=n_per_image),
+        })
+    return detections

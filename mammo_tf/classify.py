@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_tf import baselines, patches, pipelines, training
-from mammo_tf.config import ConfigError, from_dict, load_config, provenance, save_config
+from mammo_tf.config import ConfigError, from_dict, keep_training_provenance, load_config, provenance, save_config
 from mammo_tf.data import mias, splits
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 from mammo_tf.metrics import classification as cm
@@ -422,11 +422,8 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     summary["n_folds"] = n_run
     prov = provenance(command)
     prov["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    earlier = out / "metrics.json"
-    if earlier.is_file() and not any(r["trained_here"] for r in fold_results):
-        # A re-evaluation: keep how, when and how fast the models were trained.
-        old = load_json(earlier)["provenance"]
-        prov["trained_by"] = old.get("trained_by") or {k: old[k] for k in ("command", "date", "wall_time_s", "hardware") if k in old}
+    if not any(r["trained_here"] for r in fold_results):
+        keep_training_provenance(prov, out / "metrics.json")
     metrics = {"experiment": dataclasses.asdict(exp), "summary": summary, "folds": fold_results,
                "provenance": prov, "results": _rows(summary, exp, prov, fold_results)}
     save_json(out / "metrics.json", metrics)

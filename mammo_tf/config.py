@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from mammo_tf.io import atomic_write_text
+from mammo_tf.io import atomic_write_text, load_json
 
 T = TypeVar("T")
 
@@ -85,6 +85,19 @@ def provenance(command: str | None = None) -> dict:
         },
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras_version},
     }
+
+
+def keep_training_provenance(prov: dict, earlier_metrics: str | Path) -> dict:
+    """On a re-evaluation, copy into ``prov`` how, when and where the models were trained (from the earlier metrics.json)."""
+    path = Path(earlier_metrics)
+    if path.is_file():
+        old = load_json(path).get("provenance", {})
+        trained = old.get("trained_by")
+        if trained is None and "evaluate" not in str(old.get("command")):  # an evaluation records no training
+            trained = {k: old[k] for k in ("command", "date", "wall_time_s", "hardware") if k in old}
+        if trained:
+            prov["trained_by"] = trained
+    return prov
 
 
 def _cpu_name() -> str:

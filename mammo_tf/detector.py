@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_tf import patches as P
-from mammo_tf.config import ConfigError, from_dict, load_config, provenance
+from mammo_tf.config import ConfigError, from_dict, keep_training_provenance, load_config, provenance
 from mammo_tf.data import mias
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 
@@ -51,6 +51,8 @@ CROPS_NOTE = (
 WHOLE_NOTE = "whole films, no prior location: breast-cropped, downsampled, normal films included"
 LEAKY_NOTE = "LEAKY: random split of samples instead of by patient (leakage audit only)"
 ORACLE_NOTE = "reference: every ground-truth box found exactly, class and score random"
+RANDOM_NOTE = ("chance reference: 10 boxes per image centred at random in the breast, sides drawn from the "
+               "training lesions', class and score random")
 CROPS_MODEL_WARNING = (
     "this model was trained on full-resolution crops around lesions (crops protocol); whole films "
     "downsampled for inference are outside what it has seen"
@@ -623,7 +625,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                         samples: Samples | None = None, annotations: pd.DataFrame | None = None,
                         training_info: dict | None = None) -> dict:
     """Evaluate every fold's saved model on its test set, beside the oracle baseline; write metrics and figures."""
-    from mammo_tf.baselines import oracle_boxes_random_class
+    from mammo_tf.baselines import oracle_boxes_random_class, random_boxes_random_class
     from mammo_tf.metrics.classification import summarise_folds
     from mammo_tf.plots import detection as dplots
 
@@ -632,7 +634,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     samples = samples or make_samples(exp, ann)
     folds = make_folds(exp, samples)
     batch = exp.train_config().batch_size
-    fold_rows, model_metrics, base_metrics = [], [], []
+    fold_rows, model_metrics, base_metrics, random_metrics = [], [], [], []
     pooled_gt, pooled_det, examples = [], [], []
     for fold in folds:
         fold_dir = out / "folds" / f"fold{fold.index}"
@@ -646,6 +648,9 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         gts = _ground_truth(exp, fold.test, samples.annotations)
         flat, ev, fr = detection_metrics(gts, dets, exp.iou_threshold)
         base, _, _ = detection_metrics(gts, oracle_boxes_random_class(gts, seed=exp.seed + fold.index), exp.iou_threshold)
+        guesses = random_boxes_random_class([_breast_region(samples, r) for r in fold.test.itertuples()],
+                                            _lesion_sides(exp, fold.train), seed=exp.seed + fold.index)
+        chance, _, _ = detection_metrics(gts, _to_eval_pixels(exp, samples, fold.test, guesses), exp.iou_threshold)
         # Does the model fit its own training set? (No augmentation; a fit check, not a result.)
         train_images = image_dataset(fold.train, samples.films, batch, exp.ssd_config().input_channels)
         train_dets = _to_eval_pixels(exp, samples, fold.train, predict_batches(model, train_images, anchors, exp))
@@ -653,6 +658,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                                               exp.iou_threshold)[0]["map"]
         model_metrics.append(flat)
         base_metrics.append(base)
+        random_metrics.append(chance)
         pooled_gt += gts
         pooled_det += dets
         row = {"fold": fold.index, "leaky": fold.leaky, "stratified_val": fold.stratified_val,
@@ -660,7 +666,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                "train_patients": sorted(int(p) for p in set(fold.train["patient_id"])),
                "val_patients": sorted(int(p) for p in set(fold.val["patient_id"])),
                "test_patients": sorted(int(p) for p in set(fold.test["patient_id"])),
-               "model": flat, "oracle_boxes_random_class": base}
+               "model": flat, "oracle_boxes_random_class": base, "random_boxes_random_class": chance}
         if training_info and fold.index in training_info:
             row["training"] = training_info[fold.index]
         elif (fold_dir / "training.json").is_file():
@@ -671,6 +677,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
             examples = _example_panels(exp, samples, fold.test, gts, dets)
     summary = summarise_folds(model_metrics)
     base_summary = summarise_folds(base_metrics)
+    random_summary = summarise_folds(random_metrics)
     pooled, pooled_ev, pooled_fr = detection_metrics(pooled_gt, pooled_det, exp.iou_threshold)
 
     reference = {"benign": POSTER_REFERENCE["benign"], "malignant": POSTER_REFERENCE["malignant"],
@@ -687,6 +694,8 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         save_figure(dplots.draw_detection_grid(examples), out / "images" / "detections.png")
 
     prov = provenance(command)
+    if not training_info:  # nothing trained in this call: a re-evaluation
+        keep_training_provenance(prov, out / "metrics.json")
     metrics = {
         "experiment": exp.to_dict(),
         "protocol_note": CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE,
@@ -694,9 +703,10 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         "excluded_films": samples.excluded,
         "n_samples": len(samples.records),
         "folds": fold_rows,
-        "summary": {"model": summary, "oracle_boxes_random_class": base_summary},
+        "summary": {"model": summary, "oracle_boxes_random_class": base_summary,
+                    "random_boxes_random_class": random_summary},
         "pooled": pooled,
-        "results": _result_rows(exp, summary, base_summary, len(folds), prov),
+        "results": _result_rows(exp, summary, base_summary, len(folds), prov, random_summary),
         "provenance": prov,
     }
     save_json(out / "metrics.json", metrics)
@@ -710,7 +720,20 @@ def _augmentation_label(exp: DetectorExperiment) -> str:
     return "flips/rot90" + (f"/rotation up to {exp.max_angle:g} deg" if exp.max_angle > 0 else "")
 
 
-def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: int, prov: dict) -> list[dict]:
+def _breast_region(samples: Samples, record: Any) -> np.ndarray:
+    """The breast mask of one sample in model-input pixels (a crop's window of its film's mask, or the prepared film's)."""
+    # A whole-protocol record is the prepared film itself (top = left = 0, size = its side).
+    return samples.films.mask(record.refnum)[record.top:record.top + record.size, record.left:record.left + record.size]
+
+
+def _lesion_sides(exp: DetectorExperiment, records: pd.DataFrame) -> np.ndarray:
+    """Sides of the lesion boxes in these records, as fractions of the model input (the random reference's sizes)."""
+    sides = [max(b[2] - b[0], b[3] - b[1]) / exp.image_size for boxes in records["boxes"] for b in boxes]
+    return np.clip(np.asarray(sides or [0.1]), 1e-3, 1.0)
+
+
+def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: int, prov: dict,
+                 chance: dict | None = None) -> list[dict]:
     cfg = exp.ssd_config()
     split = LEAKY_NOTE if exp.naive_split else f"{n_folds} of {exp.folds} patient folds"
     protocol = CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE
@@ -724,6 +747,8 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
         {**common, "row": name, "values": _row_values(summary),
          "note": f"{protocol}; {split}; VOC AP at IoU >= {exp.iou_threshold:g}; FROC: box centre in lesion"},
         {**common, "row": "Oracle boxes, random class", "values": _row_values(base), "note": f"{ORACLE_NOTE}; {split}"},
+        *([{**common, "row": "Random boxes, random class", "values": _row_values(chance), "note": f"{RANDOM_NOTE}; {split}"}]
+          if chance else []),
         {**common, "row": "Poster (reference)",
          "values": {"benign AP": POSTER_REFERENCE["benign"], "malignant AP": POSTER_REFERENCE["malignant"],
                     "mAP": POSTER_REFERENCE["mAP"]},
@@ -738,7 +763,7 @@ def refresh_rows(model_dir: str | Path) -> list[dict]:
     exp = from_dict(DetectorExperiment, metrics["experiment"])
     summary = metrics["summary"]
     metrics["results"] = _result_rows(exp, summary["model"], summary["oracle_boxes_random_class"],
-                                      len(metrics["folds"]), metrics["provenance"])
+                                      len(metrics["folds"]), metrics["provenance"], summary.get("random_boxes_random_class"))
     save_json(path, metrics)
     return metrics["results"]
 

@@ -125,7 +125,8 @@ def test_end_to_end_training_writes_metrics(trained):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
     rows = {r["row"]: r for r in on_disk["results"]}
-    assert set(rows) == {"SSD96 cnn (random, 1 epochs, flips/rot90)", "Oracle boxes, random class", "Poster (reference)"}
+    assert set(rows) == {"SSD96 cnn (random, 1 epochs, flips/rot90)", "Oracle boxes, random class",
+                         "Random boxes, random class", "Poster (reference)"}
     assert rows["Poster (reference)"]["values"] == {"benign AP": 0.80, "malignant AP": 0.806, "mAP": 0.803}
     assert "not reproduced" in rows["Poster (reference)"]["note"]
     for r in on_disk["results"]:
@@ -134,6 +135,9 @@ def test_end_to_end_training_writes_metrics(trained):
     assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP", "train mAP (fit check)"}
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())  # one fold: plain numbers
     assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
+    chance = rows["Random boxes, random class"]["values"]
+    assert all(math.isfinite(chance[k]) and 0 <= chance[k] <= 1 for k in ("mAP", "sens@1FP"))
+    assert on_disk["folds"][0]["random_boxes_random_class"]["n_images"] == on_disk["folds"][0]["n_test"]
     fold = on_disk["folds"][0]
     assert fold["n_test"] > 0 and fold["training"]["epochs"] == 1 and fold["training"]["train_images_per_s"] > 0
     assert not set(fold["train_patients"]) & set(fold["test_patients"])
@@ -146,6 +150,9 @@ def test_end_to_end_training_writes_metrics(trained):
     assert (out / "folds/fold0/model.keras").stat().st_mtime_ns == mtime
     assert json.dumps(again["summary"]) == json.dumps(metrics["summary"])
     assert again["folds"][0]["training"] == fold["training"]
+    # That second run only evaluated: it keeps the provenance of the training run.
+    assert again["provenance"]["trained_by"]["date"] == on_disk["provenance"]["date"]
+    assert "trained_by" not in on_disk["provenance"]
 
 
 def test_vgg16_backbone_with_hed_weights_trains_and_evaluates_end_to_end(tmp_path, annotations):

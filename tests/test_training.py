@@ -112,3 +112,18 @@ def test_resume_after_kill_gives_the_same_model(tmp_path, monkeypatch):
     assert history["epoch"].tolist() == [0, 1, 2, 3, 4, 5]  # the log holds every epoch exactly once
     for w_ref, w_res in zip(ref.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(w_ref, w_res, rtol=1e-5, atol=1e-6)
+
+
+def test_a_re_evaluation_keeps_the_training_provenance_and_never_takes_an_evaluation_for_it(tmp_path):
+    from mammo_tf.config import keep_training_provenance
+    from mammo_tf.io import save_json
+
+    trained = {"command": "mammo-tf train-detector --config c.yaml", "date": "2026-01-01 10:00 UTC", "hardware": {"cpu": "x"}}
+    path = tmp_path / "metrics.json"
+    save_json(path, {"provenance": trained})
+    assert keep_training_provenance({"command": "eval"}, path)["trained_by"] == trained
+    save_json(path, {"provenance": {"command": "eval", "trained_by": trained}})  # carried through a second re-evaluation
+    assert keep_training_provenance({}, path)["trained_by"] == trained
+    save_json(path, {"provenance": {"command": "mammo-tf evaluate-detector --model m", "date": "d"}})
+    assert "trained_by" not in keep_training_provenance({}, path)
+    assert keep_training_provenance({"command": "x"}, tmp_path / "missing.json") == {"command": "x"}
