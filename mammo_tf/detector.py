@@ -635,7 +635,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     folds = make_folds(exp, samples)
     batch = exp.train_config().batch_size
     fold_rows, model_metrics, base_metrics, random_metrics = [], [], [], []
-    pooled_gt, pooled_det, examples = [], [], []
+    pooled_gt, pooled_det, pooled_random, examples = [], [], [], []
     for fold in folds:
         fold_dir = out / "folds" / f"fold{fold.index}"
         model, _, anchors = load_detector(fold_dir)
@@ -650,7 +650,8 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         base, _, _ = detection_metrics(gts, oracle_boxes_random_class(gts, seed=exp.seed + fold.index), exp.iou_threshold)
         guesses = random_boxes_random_class([_breast_region(samples, r) for r in fold.test.itertuples()],
                                             _lesion_sides(exp, fold.train), seed=exp.seed + fold.index)
-        chance, _, _ = detection_metrics(gts, _to_eval_pixels(exp, samples, fold.test, guesses), exp.iou_threshold)
+        guesses = _to_eval_pixels(exp, samples, fold.test, guesses)
+        chance, _, _ = detection_metrics(gts, guesses, exp.iou_threshold)
         # Does the model fit its own training set? (No augmentation; a fit check, not a result.)
         train_images = image_dataset(fold.train, samples.films, batch, exp.ssd_config().input_channels)
         train_dets = _to_eval_pixels(exp, samples, fold.train, predict_batches(model, train_images, anchors, exp))
@@ -661,6 +662,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         random_metrics.append(chance)
         pooled_gt += gts
         pooled_det += dets
+        pooled_random += guesses
         row = {"fold": fold.index, "leaky": fold.leaky, "stratified_val": fold.stratified_val,
                "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
                "train_patients": sorted(int(p) for p in set(fold.train["patient_id"])),
@@ -685,7 +687,8 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     save_figure(dplots.plot_pr_curves(pooled_ev), out / "pr_curves.png")
     save_figure(dplots.plot_ap_bars(pooled_ev, reference=reference, reference_label="poster (reported)"),
                 out / "ap_bars.png")
-    save_figure(dplots.plot_froc({"SSD": pooled_fr}), out / "froc.png")
+    chance_fr = detection_metrics(pooled_gt, pooled_random, exp.iou_threshold)[2]
+    save_figure(dplots.plot_froc({"SSD": pooled_fr, "random boxes (chance)": chance_fr}), out / "froc.png")
     log = out / "folds" / f"fold{folds[0].index}" / "training_log.csv"
     if log.is_file() and log.stat().st_size:
         save_figure(_training_curves(pd.read_csv(log), f"{exp.name}, fold {folds[0].index}"), out / "training_curves.png")
