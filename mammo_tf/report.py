@@ -40,9 +40,12 @@ def collect_rows(models_dir: str | Path) -> list[dict]:
     models_dir = Path(models_dir)
     paths = sorted(models_dir.glob("*/metrics.json")) + sorted((models_dir.parent / "benchmarks" / "results").glob("*.json"))
     for path in paths:
-        for row in load_json(path).get("results", []):
+        data = load_json(path)
+        trained = data.get("provenance", {}).get("trained_by") or {}
+        for row in data.get("results", []):
             source = path.parent if path.name == "metrics.json" else path
-            rows.append({**row, "model": source.relative_to(models_dir.parent).as_posix()})
+            extra = {"trained": (trained.get("command"), trained.get("date"))} if trained else {}
+            rows.append({**row, **extra, "model": source.relative_to(models_dir.parent).as_posix()})
     return rows
 
 
@@ -69,10 +72,13 @@ def build_tables(rows: list[dict]) -> str:
         for r in trs:
             cells = [format_value(r["values"].get(c, "")) for c in columns]
             out.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r.get('note', '')} |")
-        sources = {(r["model"], r.get("command", ""), r.get("hardware", ""), r.get("date", "")) for r in trs}
+        sources = {(r["model"], r.get("command", ""), r.get("hardware", ""), r.get("date", ""), r.get("trained", ""))
+                   for r in trs}
         out.append("")
-        for model, command, hardware, date in sorted(sources):
-            out.append(f"- `{model}`: `{command}` — {hardware}, {date}")
+        for model, command, hardware, date, trained in sorted(sources):
+            # A re-evaluated model names the run that trained it too.
+            line = f"- `{model}`: `{command}` — {hardware}, {date}"
+            out.append(line + (f" (trained by `{trained[0]}` on {trained[1]})" if trained else ""))
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -33,7 +33,13 @@ def test_tables_and_readme_update(tmp_path):
     ]})
     text = report.build_tables(report.collect_rows(models))
     assert "| cnn | 0.700 ± 0.100 |  |" in text and "| majority | 0.500 | 0.600 |" in text
-    assert "`models/a`: `c` — h, d" in text
+    assert "`models/a`: `c` — h, d" in text and "trained by" not in text
+    # A re-evaluated model also names the run that trained it.
+    save_json(models / "b" / "metrics.json", {
+        "provenance": {"command": "e", "trained_by": {"command": "t", "date": "d0"}},
+        "results": [{"table": "T", "row": "cnn b", "values": {"AUC": 0.8}, "command": "e", "hardware": "h", "date": "d1"}]})
+    assert "- `models/b`: `e` — h, d1 (trained by `t` on d0)" in report.build_tables(report.collect_rows(models))
+    (models / "b" / "metrics.json").unlink()
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.BEGIN}\nstale\n{report.END}\noutro\n")
     assert report.update_readme(readme, models)
