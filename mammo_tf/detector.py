@@ -16,7 +16,7 @@ Films with an unlocated lesion (mdb059, mdb216, mdb233, mdb245) are left out of 
 their lesion cannot be placed, so they could be neither trained on nor scored.
 
 Outputs of :func:`run_experiment` in ``out_dir``: ``metrics.json`` (per-fold metrics, mean ± std,
-the oracle baseline, report rows), ``model.keras`` + ``config.json`` (the fold-0 model, for
+the oracle and chance references, report rows), ``model.keras`` + ``config.json`` (the fold-0 model, for
 :func:`detect_images`), figures ``*.png``, ``folds/fold<k>/`` (each fold's model, checkpoints,
 logs), and ``images/`` (detections drawn on licensed films; git-ignored).
 """
@@ -624,7 +624,7 @@ def _hardware(prov: dict) -> str:
 def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: str | None = None,
                         samples: Samples | None = None, annotations: pd.DataFrame | None = None,
                         training_info: dict | None = None) -> dict:
-    """Evaluate every fold's saved model on its test set, beside the oracle baseline; write metrics and figures."""
+    """Evaluate every fold's saved model on its test set, beside the oracle and chance references; write metrics and figures."""
     from mammo_tf.baselines import oracle_boxes_random_class, random_boxes_random_class
     from mammo_tf.metrics.classification import summarise_folds
     from mammo_tf.plots import detection as dplots
@@ -824,7 +824,7 @@ def train_experiment(exp: DetectorExperiment, out_dir: str | Path, samples: Samp
 
 def run_experiment(exp: DetectorExperiment, out_dir: str | Path, command: str | None = None,
                    verbose: int | str = 0) -> dict:
-    """Train all folds, evaluate them beside the oracle baseline, write metrics.json, figures and the model."""
+    """Train all folds, evaluate them beside the oracle and chance references, write metrics.json, figures and the model."""
     from mammo_tf.training import set_seeds
 
     set_seeds(exp.seed)
