@@ -51,8 +51,9 @@ CROPS_NOTE = (
 WHOLE_NOTE = "whole films, no prior location: breast-cropped, downsampled, normal films included"
 LEAKY_NOTE = "LEAKY: random split of samples instead of by patient (leakage audit only)"
 ORACLE_NOTE = "reference: every ground-truth box found exactly, class and score random"
-RANDOM_NOTE = ("chance reference: 10 boxes per image centred at random in the breast, sides drawn from the "
-               "training lesions', class and score random")
+RANDOM_BOXES_PER_IMAGE = 10
+RANDOM_NOTE = (f"chance reference: {RANDOM_BOXES_PER_IMAGE} boxes per image centred at random in the breast, sides "
+               "drawn from the training lesions', class and score random")
 CROPS_MODEL_WARNING = (
     "this model was trained on full-resolution crops around lesions (crops protocol); whole films "
     "downsampled for inference are outside what it has seen"
@@ -649,7 +650,8 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         flat, ev, fr = detection_metrics(gts, dets, exp.iou_threshold)
         base, _, _ = detection_metrics(gts, oracle_boxes_random_class(gts, seed=exp.seed + fold.index), exp.iou_threshold)
         guesses = random_boxes_random_class([_breast_region(samples, r) for r in fold.test.itertuples()],
-                                            _lesion_sides(exp, fold.train), seed=exp.seed + fold.index)
+                                            _lesion_sides(exp, fold.train), RANDOM_BOXES_PER_IMAGE,
+                                            seed=exp.seed + fold.index)
         guesses = _to_eval_pixels(exp, samples, fold.test, guesses)
         chance, _, _ = detection_metrics(gts, guesses, exp.iou_threshold)
         # Does the model fit its own training set? (No augmentation; a fit check, not a result.)
