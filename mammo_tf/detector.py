@@ -740,13 +740,15 @@ def _lesion_sides(exp: DetectorExperiment, records: pd.DataFrame) -> np.ndarray:
 def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: int, prov: dict,
                  chance: dict | None = None) -> list[dict]:
     cfg = exp.ssd_config()
-    split = LEAKY_NOTE if exp.naive_split else f"{n_folds} of {exp.folds} patient folds"
+    split = (f"{LEAKY_NOTE}; {n_folds} of {exp.folds} random folds" if exp.naive_split
+             else f"{n_folds} of {exp.folds} patient folds")
     protocol = CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE
     table = ("Detection (mini-MIAS, crops around lesions: location given)" if exp.protocol == "crops"
              else "Detection (mini-MIAS, whole films: no prior location)")
     common = {"table": table, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
     init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
-    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {exp.train_config().epochs} epochs, {_augmentation_label(exp)})"
+    crops = f", {exp.crops_per_lesion} crops per lesion" if exp.protocol == "crops" and exp.crops_per_lesion > 1 else ""
+    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {exp.train_config().epochs} epochs, {_augmentation_label(exp)}{crops})"
             + (" [LEAKY split]" if exp.naive_split else ""))
     return [
         {**common, "row": name, "values": _row_values(summary),
@@ -807,12 +809,13 @@ def train_experiment(exp: DetectorExperiment, out_dir: str | Path, samples: Samp
     for fold in folds:
         fold_dir = out / "folds" / f"fold{fold.index}"
         stamp = fold_dir / "experiment.json"
-        # Compared through the dataclass, so that a field added later with its default is no change.
-        if stamp.is_file() and from_dict(DetectorExperiment, load_json(stamp)).to_dict() != exp.to_dict():
+        if stamp.is_file() and _training_key(from_dict(DetectorExperiment, load_json(stamp))) != _training_key(exp):
             # Another configuration trained here: its logs and backups must not leak into this run.
             shutil.rmtree(fold_dir)
         if (fold_dir / MODEL_FILE).is_file() and stamp.is_file():
-            continue  # trained already
+            # Trained already; only fields that leave this fold's training alone may have changed.
+            _restamp(fold_dir, exp)
+            continue
         save_json(stamp, exp.to_dict())
         info[fold.index] = train_fold(exp, samples, fold, fold_dir, verbose=verbose)
         save_json(fold_dir / "training.json", info[fold.index])
@@ -822,6 +825,25 @@ def train_experiment(exp: DetectorExperiment, out_dir: str | Path, samples: Samp
         with atomic_path(out / name) as tmp:
             shutil.copyfile(first / name, tmp)
     return info
+
+
+# Fields that change which folds run or what is drawn, never how a fold trains: a finished fold is
+# kept when only these differ (running 5 folds after 3 reuses the first 3).
+NOT_TRAINING_FIELDS = ("max_folds", "n_examples")
+
+
+def _training_key(exp: DetectorExperiment) -> dict:
+    """The experiment as a dict without `NOT_TRAINING_FIELDS` (through the dataclass: a later field at its default is no change)."""
+    return {k: v for k, v in exp.to_dict().items() if k not in NOT_TRAINING_FIELDS}
+
+
+def _restamp(fold_dir: Path, exp: DetectorExperiment) -> None:
+    """Write the current experiment into a kept fold's stamp and config, so a re-evaluation reads today's settings."""
+    if load_json(fold_dir / "experiment.json") == exp.to_dict():
+        return
+    save_json(fold_dir / "experiment.json", exp.to_dict())
+    cfg = load_json(fold_dir / CONFIG_FILE)
+    save_json(fold_dir / CONFIG_FILE, {**cfg, "experiment": exp.to_dict()})
 
 
 def run_experiment(exp: DetectorExperiment, out_dir: str | Path, command: str | None = None,

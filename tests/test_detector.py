@@ -155,6 +155,24 @@ def test_end_to_end_training_writes_metrics(trained):
     assert "trained_by" not in on_disk["provenance"]
 
 
+def test_more_folds_reuse_trained_ones_and_a_training_change_retrains(trained, tmp_path, annotations):
+    out = tmp_path / "copy"
+    shutil.copytree(trained[0], out)
+    fold0 = out / "folds/fold0/model.keras"
+    mtime = fold0.stat().st_mtime_ns
+    two = D.DetectorExperiment(**{**TINY, "max_folds": 2, "n_examples": 1})
+    info = D.train_experiment(two, out, annotations=annotations)
+    assert set(info) == {1} and fold0.stat().st_mtime_ns == mtime  # fold 0 kept, only fold 1 trained
+    # A later re-evaluation reads today's settings, not those fold 0 was first trained under.
+    _, reloaded, _ = D.load_detector(out)
+    assert reloaded == two
+    assert json.loads((out / "folds/fold0/experiment.json").read_text())["max_folds"] == 2
+    # A field that changes training (here the learning rate) retrains the fold from scratch.
+    other = D.DetectorExperiment(**{**TINY, "train": {**TINY["train"], "learning_rate": 1e-4}})
+    assert set(D.train_experiment(other, out, annotations=annotations)) == {0}
+    assert fold0.stat().st_mtime_ns != mtime
+
+
 def test_vgg16_backbone_with_hed_weights_trains_and_evaluates_end_to_end(tmp_path, annotations):
     import keras
 
@@ -210,3 +228,12 @@ def test_refresh_rows_names_the_schedule_and_keeps_the_numbers(tmp_path):
     assert json.dumps([r["values"] for r in rows]) == json.dumps([r["values"] for r in before["results"]])
     assert json.dumps({k: v for k, v in after.items() if k != "results"}) == json.dumps(
         {k: v for k, v in before.items() if k != "results"})
+
+
+def test_rows_name_crops_per_lesion_and_the_leaky_folds(tmp_path):
+    metrics = json.loads(Path("models/ssd_cnn300_crops_naive/metrics.json").read_text())
+    metrics["experiment"]["crops_per_lesion"] = 3
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    model, oracle = D.refresh_rows(tmp_path)[:2]
+    assert model["row"] == "SSD300 cnn (random, 20 epochs, flips/rot90, 3 crops per lesion) [LEAKY split]"
+    assert f"LEAKY: random split of samples instead of by patient (leakage audit only); {len(metrics['folds'])} of 5 random folds" in oracle["note"]

@@ -1,0 +1,49 @@
+"""The full setting lists every committed run, and every config it names loads."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from mammo_tf import classify, detector
+from mammo_tf.config import from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _full() -> dict:
+    return load_config(ROOT / "configs" / "full.yaml")
+
+
+def _names(cfg: dict) -> dict[str, str]:
+    """Experiment name -> config path, over the full setting's classifier and detector configs."""
+    names = {}
+    for path in cfg["classifier"]:
+        names[from_dict(classify.ClassifierExperiment, load_config(ROOT / path)).name] = path
+    for path in cfg["detector"]:
+        names[detector.load_experiment(ROOT / path).name] = path
+    return names
+
+
+def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models():
+    cfg = _full()
+    names = _names(cfg)
+    assert len(names) == len(cfg["classifier"]) + len(cfg["detector"])  # no two configs share an output folder
+    assert {"data", "classifier", "detector", "cascade", "external", "report"} <= set(cfg["steps"])
+    assert cfg["cascade"]["classifier"] in names and cfg["cascade"]["detector"] in names
+    assert cfg["external"]["classifier"] in names and cfg["external"]["detector"] in names
+
+
+def test_every_committed_training_config_is_in_the_full_setting():
+    listed = set(_names(_full()).values())
+    trained = {}
+    for metrics in sorted((ROOT / "models").glob("*/metrics.json")):
+        prov = json.loads(metrics.read_text()).get("provenance", {})
+        command = (prov.get("trained_by") or {}).get("command") or prov.get("command", "")
+        found = re.search(r"--config (\S+)", command)
+        if found and "train-" in command:
+            trained[metrics.parent.name] = found.group(1)
+    assert trained, "no committed training run found"
+    missing = {name: path for name, path in trained.items() if path not in listed}
+    assert not missing, f"committed runs whose config configs/full.yaml does not list: {missing}"
