@@ -360,6 +360,7 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
                       for col, m in METRIC_KEYS.items() if f"image.{model}.{m}" in summary}
             rows.append({"table": title, "row": label, "values": values,
                          "note": f"{note}n_folds={summary.get('n_folds', '?')}", **common})
+    rows += _paired_rows(exp, recipe, folds or [], common)
     from mammo_tf.models import classifier as clf
 
     counts = clf.count_params_pair(clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size}))
@@ -371,6 +372,28 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
         values = {col: [summary[f"naive.cnn.{m}"]["mean"], float("nan")] for col, m in METRIC_KEYS.items()}
         rows.append({"table": tables[0][1], "row": f"CNN, naive random patch split (LEAKY) ({recipe})", "values": values,
                      "note": "one random split of the patches; patients on both sides of the split: not a valid estimate",
+                     **common})
+    return rows
+
+
+PAIRED_TABLE = "Classification: CNN minus the logistic baseline, paired by patient fold"
+
+
+def _paired_rows(exp: ClassifierExperiment, recipe: str, folds: list[dict], common: dict) -> list[dict]:
+    """CNN minus logistic regression fold by fold: the spread of a difference on shared folds, not of two means."""
+    rows = []
+    for key, where in (("patch_grid", "grid_keep test patches"), ("image", "whole mammogram, max rule")):
+        pairs = [f[key] for f in folds if key in f and "cnn" in f[key] and "logistic" in f[key]]
+        if not pairs:
+            continue
+        diffs = {col: cm.paired_differences([p["cnn"][m] for p in pairs], [p["logistic"][m] for p in pairs])
+                 for col, m in (("Δ abnormal AUC", "abnormal_vs_normal_auc"), ("Δ macro AUC", "macro_roc_auc"),
+                                ("Δ balanced acc", "balanced_accuracy"))}
+        values: dict[str, Any] = {col: [d["mean"], d["std"]] if d["n"] > 1 else d["mean"] for col, d in diffs.items()}
+        abnormal = diffs["Δ abnormal AUC"]
+        values["folds CNN ahead (abnormal AUC)"] = f"{abnormal['ahead']}/{abnormal['n']}"
+        rows.append({"table": PAIRED_TABLE, "row": f"CNN trained on {exp.strategy} {exp.size} ({recipe}), {where}",
+                     "values": values, "note": "mean ± std over folds of the per-fold difference; > 0: CNN ahead",
                      **common})
     return rows
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mammo_tf import classify
 
 
@@ -99,3 +101,17 @@ def test_naive_split_row_has_no_spread_and_names_its_recipe():
     from mammo_tf.report import format_value
 
     assert format_value(leaky["values"]["macro AUC"]) == "0.800"
+
+
+def test_paired_rows_are_fold_by_fold_differences_against_the_logistic_baseline():
+    exp = classify.ClassifierExperiment(name="p", strategy="grid_keep")
+    prov = {"command": "c", "date": "d", "hardware": {"cpu": "x", "cpu_count": 2, "gpus": "none"}}
+    report = lambda auc, bal: {"abnormal_vs_normal_auc": auc, "macro_roc_auc": auc, "balanced_accuracy": bal}  # noqa: E731
+    folds = [{"patch_grid": {"cnn": report(0.80, 0.5), "logistic": report(0.70, 0.5)}},
+             {"patch_grid": {"cnn": report(0.60, 0.4), "logistic": report(0.70, 0.5)}}]
+    rows = [r for r in classify._rows(_summary(), exp, prov, folds) if r["table"] == classify.PAIRED_TABLE]
+    assert len(rows) == 1 and rows[0]["row"].endswith("grid_keep test patches")  # no film-level folds given
+    v = rows[0]["values"]
+    assert v["folds CNN ahead (abnormal AUC)"] == "1/2"
+    assert v["Δ abnormal AUC"][0] == pytest.approx(0.0) and v["Δ abnormal AUC"][1] == pytest.approx(0.02 ** 0.5)  # differences +0.1 and -0.1
+    assert v["Δ balanced acc"][0] == pytest.approx(-0.05)

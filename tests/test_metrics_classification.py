@@ -172,3 +172,17 @@ def test_classification_plots_render(tmp_path):
         plots.plot_confusion_matrix([[1, 2]])
     with pytest.raises(TypeError, match="Keras History"):
         plots.plot_training_curves([1, 2, 3])
+
+
+def test_paired_differences_hand_worked():
+    from mammo_tf.metrics.classification import paired_differences
+
+    d = paired_differences([0.8, 0.7, 0.9, float("nan")], [0.7, 0.75, 0.6, 0.5])
+    # Differences 0.1, -0.05, 0.3 (the NaN fold left out): mean 0.35 / 3, sample std by hand.
+    assert d["n"] == 3 and d["ahead"] == 2
+    assert d["mean"] == pytest.approx(0.35 / 3)
+    assert d["std"] == pytest.approx(((0.1 - 0.35 / 3) ** 2 + (-0.05 - 0.35 / 3) ** 2 + (0.3 - 0.35 / 3) ** 2) ** 0.5 / 2 ** 0.5)
+    one = paired_differences([0.5], [0.6])
+    assert one["n"] == 1 and one["ahead"] == 0 and one["mean"] == pytest.approx(-0.1) and math.isnan(one["std"])
+    with pytest.raises(ValueError, match="same folds"):
+        paired_differences([0.1, 0.2], [0.1])

@@ -196,6 +196,17 @@ def summarise_folds(folds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, f
     return out
 
 
+def paired_differences(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Per-fold ``a - b`` summarised: mean, sample std, n, and in how many folds ``a`` is ahead (NaN pairs left out)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same folds, got {len(a)} and {len(b)}")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    n = len(d)
+    return {"mean": float(d.mean()) if n else float("nan"), "std": float(d.std(ddof=1)) if n > 1 else float("nan"),
+            "n": n, "ahead": int((d > 0).sum())}
+
+
 def threshold_for_sensitivity(y_true: ArrayLike, score: ArrayLike, sensitivity: float = 0.95) -> float:
     """Highest threshold whose rule ``score >= threshold`` reaches the target sensitivity on this data."""
     y, s = _binary(y_true, score)
