@@ -328,8 +328,8 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
     if exp.strategy == "grid_keep":
         tables = tables[1:]  # its own test patches are the grid_keep ones: the same table twice otherwise
     fitted_on = f" (fitted on {exp.strategy} {exp.size} training patches)"
-    epochs = exp.train.get("epochs", training.TrainConfig.epochs)
-    recipe = f"{epochs} epochs, " + ("flips/rot90" if exp.augment else "no augmentation")
+    recipe = training.schedule_label(from_dict(training.TrainConfig, exp.train)) + ", " + (
+        "flips/rot90" if exp.augment else "no augmentation")
     fit = summary.get("train_own.balanced_accuracy")
     rows = []
     for key, title, note in tables:

@@ -65,6 +65,9 @@ CONFIG_FILE = "config.json"
 # --------------------------------------------------------------------------- configuration
 
 
+SELECT_ON = ("val_loss", "val_mAP")
+
+
 @dataclasses.dataclass
 class DetectorExperiment:
     """One detection experiment; ``ssd`` is an SSDConfig dict, ``train`` a TrainConfig dict.
@@ -74,6 +77,9 @@ class DetectorExperiment:
     is the evaluation's; ``match_iou`` the training's default-box matching threshold.
     ``score_threshold``, ``nms_iou_threshold``, ``max_per_class``, ``max_total``: the NMS of
     :func:`mammo_tf.boxes.decode_detections`. ``naive_split``: the leakage audit (LEAKY).
+    ``select_on``: what the best checkpoint and early stopping watch (early stopping keeps the best
+    epoch), ``"val_loss"`` or ``"val_mAP"`` (the validation patients' mAP, computed after every
+    epoch as the test's is; needs early stopping, which does the selecting).
     """
 
     name: str = "detector"
@@ -100,6 +106,7 @@ class DetectorExperiment:
     n_normal: int | None = None           # crops protocol: normal crops in all (None: one per normal film)
     naive_split: bool = False
     backbone_from: str | None = None      # cnn backbone: a classifier experiment folder; fold k starts from its fold k
+    select_on: str = "val_loss"           # val_loss | val_mAP
     n_examples: int = 6
     seed: int = 0
     data: str | None = None
@@ -124,6 +131,12 @@ class DetectorExperiment:
             raise ConfigError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
         if self.crops_per_lesion < 1:
             raise ConfigError(f"crops_per_lesion must be >= 1, got {self.crops_per_lesion}")
+        if self.select_on not in SELECT_ON:
+            raise ConfigError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
+        if self.select_on == "val_mAP" and self.val_fraction == 0:
+            raise ConfigError("select_on: val_mAP needs validation patients (val_fraction > 0)")
+        if self.select_on == "val_mAP" and not self.train_config().early_stopping:
+            raise ConfigError("select_on: val_mAP selects through early stopping: set train.early_stopping: true")
         if "image_size" in self.ssd and int(self.ssd["image_size"]) != int(self.image_size):
             raise ConfigError(f"ssd.image_size ({self.ssd['image_size']}) differs from image_size ({self.image_size})")
         self.ssd_config()  # validate the nested configs now, not after the data is loaded
@@ -462,9 +475,12 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
                   if len(fold.val) else None)
         trainer_cls = _trainer_class()
         loss = MultiBoxLoss(neg_pos_ratio=exp.neg_pos_ratio, min_negatives=exp.min_negatives)
+        select = {}
+        if exp.select_on == "val_mAP":
+            select = dict(monitor="val_mAP", mode="max", metrics=[_validation_map_callback(exp, samples, fold.val, anchors)])
         t0 = time.perf_counter()
         trainer, history = training.fit(lambda: trainer_cls(build_ssd(ssd_cfg)[0], loss), lambda: {}, train_ds, val_ds,
-                                        tcfg, fold_dir, verbose=verbose)
+                                        tcfg, fold_dir, verbose=verbose, **select)
         seconds = time.perf_counter() - t0
         save_detector(trainer.ssd, exp, anchors, fold_dir, fold=fold.index, precision=precision,
                       train_refnums=sorted(set(fold.train["refnum"])), leaky=fold.leaky)
@@ -476,6 +492,26 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
     # Wall-clock rate of the whole fit (graph tracing and validation included).
     return {"seconds": seconds, "epochs": epochs, "n_train": len(fold.train), "n_val": len(fold.val),
             "train_images_per_s": len(fold.train) * epochs / seconds, "precision": precision}
+
+
+def _validation_map_callback(exp: DetectorExperiment, samples: Samples, records: pd.DataFrame, anchors: Any) -> Any:
+    """A Keras callback that logs ``val_mAP``, the mAP of the validation records, after every epoch."""
+    import keras
+
+    gts = _ground_truth(exp, records, samples.annotations)
+    if not any(len(g["boxes"]) for g in gts):
+        raise ConfigError(f"{exp.name}: the validation patients have no lesion, so val_mAP is undefined "
+                          "(use more patients or select_on: val_loss)")
+    channels = exp.ssd_config().input_channels
+
+    class ValidationMAP(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            images = image_dataset(records, samples.films, exp.train_config().batch_size, channels)
+            dets = _to_eval_pixels(exp, samples, records, predict_batches(self.model.ssd, images, anchors, exp))
+            if logs is not None:
+                logs["val_mAP"] = detection_metrics(gts, dets, exp.iou_threshold)[0]["map"]
+
+    return ValidationMAP()
 
 
 def _backbone_weights(exp: DetectorExperiment, fold: Fold) -> Path:
@@ -739,6 +775,8 @@ def _lesion_sides(exp: DetectorExperiment, records: pd.DataFrame) -> np.ndarray:
 
 def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: int, prov: dict,
                  chance: dict | None = None) -> list[dict]:
+    from mammo_tf.training import schedule_label
+
     cfg = exp.ssd_config()
     split = (f"{LEAKY_NOTE}; {n_folds} of {exp.folds} random folds" if exp.naive_split
              else f"{n_folds} of {exp.folds} patient folds")
@@ -747,8 +785,10 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
              else "Detection (mini-MIAS, whole films: no prior location)")
     common = {"table": table, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
     init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
+    if cfg.freeze_through:
+        init += f", frozen to {cfg.freeze_through}"
     crops = f", {exp.crops_per_lesion} crops per lesion" if exp.protocol == "crops" and exp.crops_per_lesion > 1 else ""
-    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {exp.train_config().epochs} epochs, {_augmentation_label(exp)}{crops})"
+    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule_label(exp.train_config(), exp.select_on.replace('_', ' '))}, {_augmentation_label(exp)}{crops})"
             + (" [LEAKY split]" if exp.naive_split else ""))
     return [
         {**common, "row": name, "values": _row_values(summary),

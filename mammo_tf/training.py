@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import keras
 import pandas as pd
@@ -29,6 +29,14 @@ class TrainConfig:
     mixed_precision: str = "auto"      # auto: mixed_float16 when a GPU is present, else float32
     seed: int = 0
     tensorboard: bool = True
+
+
+def schedule_label(cfg: TrainConfig, monitor: str = "val loss") -> str:
+    """How long a model trained and which epoch was kept, for report rows."""
+    if cfg.early_stopping:
+        # Keras' EarlyStopping here restores the best epoch's weights (restore_best_weights=True).
+        return f"best {monitor} of max {cfg.epochs} epochs, patience {cfg.early_stopping_patience}"
+    return f"{cfg.epochs} epochs"
 
 
 def set_seeds(seed: int) -> None:
@@ -69,11 +77,17 @@ def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
     return optimizers[cfg.optimizer](learning_rate=cfg.learning_rate, **kwargs)
 
 
-def callbacks(out_dir: str | Path, cfg: TrainConfig, monitor: str = "val_loss", mode: str = "min") -> list:
-    """Resumable training: backup for resume after a kill, best checkpoint, early stop, CSV/TensorBoard logs."""
+def callbacks(out_dir: str | Path, cfg: TrainConfig, monitor: str = "val_loss", mode: str = "min",
+              metrics: Sequence[keras.callbacks.Callback] = ()) -> list:
+    """Resumable training: backup for resume after a kill, best checkpoint, early stop, CSV/TensorBoard logs.
+
+    ``metrics``: callbacks that add entries to the epoch's logs (e.g. a validation mAP); they run
+    first, so that the checkpoint, early stopping and the CSV log see what they add.
+    """
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     cbs = [
+        *metrics,
         # Restores model, optimizer and epoch counter when a killed run is started again.
         keras.callbacks.BackupAndRestore(str(out / "checkpoints" / "backup"), delete_checkpoint=True),
         keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "best.weights.h5"), monitor=monitor, mode=mode,
@@ -100,6 +114,7 @@ def fit(
     mode: str = "min",
     class_weight: dict[int, float] | None = None,
     verbose: int | str = "auto",
+    metrics: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, pd.DataFrame]:
     """Build and compile under the configured strategy, train with resumable callbacks, return model and history."""
     set_seeds(cfg.seed)
@@ -110,7 +125,7 @@ def fit(
     out = Path(out_dir)
     model.fit(
         train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=class_weight, shuffle=False,
-        callbacks=callbacks(out, cfg, monitor if val_ds is not None else monitor.removeprefix("val_"), mode),
+        callbacks=callbacks(out, cfg, monitor if val_ds is not None else monitor.removeprefix("val_"), mode, metrics),
         verbose=verbose,
     )
     history = pd.read_csv(out / "training_log.csv") if (out / "training_log.csv").is_file() else pd.DataFrame()

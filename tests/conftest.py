@@ -32,3 +32,17 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED
+
+
+@pytest.fixture
+def film_and_broken_png(tmp_path) -> tuple[Path, Path]:
+    """A mini-MIAS film (mdb005) copied into tmp_path and a truncated PNG beside it."""
+    import shutil
+
+    from mammo_tf.data import mias
+
+    film = tmp_path / "film.pgm"
+    shutil.copyfile(mias.fetch() / "mdb005.pgm", film)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return film, broken

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -139,10 +138,9 @@ def folders(tmp_path_factory, annotations):
     return root / "det", cdir
 
 
-def test_rejected_film_gets_no_detections_and_gated(folders, tmp_path):
+def test_rejected_film_gets_no_detections_and_gated(folders, tmp_path, film_and_broken_png):
     det_dir, clf_dir = folders
-    film = tmp_path / "film.pgm"
-    shutil.copyfile(mias.fetch() / "mdb005.pgm", film)
+    film, _ = film_and_broken_png
     out = C.detect_cascade([film], clf_dir, det_dir, tmp_path / "gated", gate_threshold=1.5, score_threshold=0.01)
     assert len(out) == 1 and out[0]["gated"] is True and out[0]["boxes"] == [] and out[0]["scores"] == []
     assert 0.0 <= out[0]["gate_score"] <= 1.0 and out[0]["timings"]["detector"] == 0.0
@@ -158,12 +156,9 @@ def test_rejected_film_gets_no_detections_and_gated(folders, tmp_path):
         C.detect_cascade([film], clf_dir, det_dir, tmp_path / "none")
 
 
-def test_open_gate_equals_detector_alone_and_timings(folders, tmp_path):
+def test_open_gate_equals_detector_alone_and_timings(folders, tmp_path, film_and_broken_png):
     det_dir, clf_dir = folders
-    film = tmp_path / "film.pgm"
-    shutil.copyfile(mias.fetch() / "mdb005.pgm", film)
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    film, bad = film_and_broken_png
     gated = C.Cascade.load(det_dir, clf_dir, threshold=-math.inf, score_threshold=0.01)
     alone = C.Cascade.load(det_dir, score_threshold=0.01)
     image = mias.load_image("mdb005")

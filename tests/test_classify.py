@@ -19,7 +19,7 @@ def _summary() -> dict:
 
 
 def test_rows_name_the_recipe_and_carry_the_fit_check_on_patch_tables_only():
-    exp = classify.ClassifierExperiment(strategy="grid_keep", augment=False, train={"epochs": 60})
+    exp = classify.ClassifierExperiment(strategy="grid_keep", augment=False, train={"epochs": 60, "early_stopping": False})
     prov = {"command": "c", "date": "d", "hardware": {"cpu": "x", "cpu_count": 2, "gpus": "none"}}
     rows = classify._rows(_summary(), exp, prov)
     cnn = [r for r in rows if r["row"].startswith("CNN")]
@@ -42,7 +42,8 @@ def test_refresh_rows_rebuilds_labels_without_touching_numbers(tmp_path):
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert again["summary"] == stored["summary"] and again["provenance"] == prov
     assert again["results"] == rows and all(r["row"] != "stale label" for r in rows)
-    assert any("(10 epochs, flips/rot90)" in r["row"] for r in rows)  # TrainConfig's default epochs
+    # TrainConfig's defaults: early stopping on, 10 epochs at most.
+    assert any("(best val loss of max 10 epochs, patience 8, flips/rot90)" in r["row"] for r in rows)
 
 
 def test_film_scores_max_rule_is_the_most_abnormal_patch_and_other_rules_differ():
@@ -95,7 +96,7 @@ def test_naive_split_row_has_no_spread_and_names_its_recipe():
     for metric in classify.METRIC_KEYS.values():
         summary[f"naive.cnn.{metric}"] = {"mean": 0.8, "std": 0.0}
     prov = {"command": "c", "date": "d", "hardware": {"cpu": "x", "cpu_count": 2, "gpus": "none"}}
-    rows = classify._rows(summary, classify.ClassifierExperiment(augment=False, train={"epochs": 60}), prov)
+    rows = classify._rows(summary, classify.ClassifierExperiment(augment=False, train={"epochs": 60, "early_stopping": False}), prov)
     (leaky,) = [r for r in rows if "LEAKY" in r["row"]]
     assert leaky["row"].endswith("(60 epochs, no augmentation)")
     from mammo_tf.report import format_value

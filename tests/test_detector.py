@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mammo_tf import detector as D
@@ -17,7 +18,7 @@ from mammo_tf.data import mias
 
 SMALL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector_small.yaml"
 TINY = dict(name="tiny", protocol="whole", image_size=96, ssd={"backbone": "cnn"},
-            train={"epochs": 1, "batch_size": 4, "tensorboard": False},
+            train={"epochs": 1, "batch_size": 4, "early_stopping": False, "tensorboard": False},
             folds=2, max_folds=1, max_patients=6, val_fraction=0.3, n_examples=2, seed=0)
 
 
@@ -193,12 +194,9 @@ def test_vgg16_backbone_with_hed_weights_trains_and_evaluates_end_to_end(tmp_pat
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_detect_images_pgm_and_corrupt_file(trained, tmp_path):
+def test_detect_images_pgm_and_corrupt_file(trained, tmp_path, film_and_broken_png):
     model_dir, _ = trained
-    good = tmp_path / "film.pgm"
-    shutil.copyfile(mias.fetch() / "mdb005.pgm", good)
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    good, bad = film_and_broken_png
     results = D.detect_images([bad, good], model_dir, tmp_path / "out", score_threshold=0.2)
     assert [r["path"] for r in results] == [str(bad), str(good)]
     assert "error" in results[0] and "broken.png" in results[0]["error"] and "overlay" not in results[0]
@@ -216,9 +214,6 @@ def test_detect_images_pgm_and_corrupt_file(trained, tmp_path):
 
 
 def test_refresh_rows_names_the_schedule_and_keeps_the_numbers(tmp_path):
-    import json
-    import shutil
-
     shutil.copy("models/ssd_cnn300_crops_clfinit/metrics.json", tmp_path / "metrics.json")
     before = json.loads((tmp_path / "metrics.json").read_text())
     rows = D.refresh_rows(tmp_path)
@@ -237,3 +232,34 @@ def test_rows_name_crops_per_lesion_and_the_leaky_folds(tmp_path):
     model, oracle = D.refresh_rows(tmp_path)[:2]
     assert model["row"] == "SSD300 cnn (random, 20 epochs, flips/rot90, 3 crops per lesion) [LEAKY split]"
     assert f"LEAKY: random split of samples instead of by patient (leakage audit only); {len(metrics['folds'])} of 5 random folds" in oracle["note"]
+
+
+def test_rows_name_a_frozen_trunk_and_early_stopping(tmp_path):
+    metrics = json.loads(Path("models/ssd_cnn300_crops_naive/metrics.json").read_text())
+    metrics["experiment"]["ssd"].update(backbone="vgg16", weights="hed", freeze_through="block5_conv3")
+    metrics["experiment"]["train"].update(early_stopping=True, early_stopping_patience=10, epochs=60)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    model = D.refresh_rows(tmp_path)[0]
+    assert model["row"] == ("SSD300 vgg16 (hed, frozen to block5_conv3, best val loss of max 60 epochs, patience 10, "
+                            "flips/rot90) [LEAKY split]")
+
+
+def test_select_on_validation_map_logs_it_and_names_it(tmp_path, annotations):
+    exp = D.DetectorExperiment(**{**TINY, "name": "tiny_valmap", "select_on": "val_mAP", "max_patients": 16,
+                                  "train": {**TINY["train"], "epochs": 2, "early_stopping": True,
+                                            "early_stopping_patience": 1}})
+    metrics = D.run_experiment(exp, tmp_path, command="pytest")
+    log = pd.read_csv(tmp_path / "folds/fold0/training_log.csv")
+    assert len(log) == 2 and log["val_mAP"].between(0, 1).all()
+    assert metrics["results"][0]["row"] == "SSD96 cnn (random, best val mAP of max 2 epochs, patience 1, flips/rot90)"
+    with pytest.raises(ConfigError, match="needs validation patients"):
+        D.DetectorExperiment(**{**TINY, "select_on": "val_mAP", "val_fraction": 0.0,
+                                "train": {"early_stopping": True}})
+    with pytest.raises(ConfigError, match="selects through early stopping"):
+        D.DetectorExperiment(**{**TINY, "select_on": "val_mAP"})
+    with pytest.raises(ConfigError, match="select_on must be one of"):
+        D.DetectorExperiment(**{**TINY, "select_on": "val_map"})
+    # TINY's one validation patient has no lesion: no mAP to select on, said before training.
+    lesionless = D.DetectorExperiment(**{**TINY, "select_on": "val_mAP", "train": {**TINY["train"], "early_stopping": True}})
+    with pytest.raises(ConfigError, match="no lesion, so val_mAP is undefined"):
+        D.train_experiment(lesionless, tmp_path / "lesionless", annotations=annotations)

@@ -232,6 +232,31 @@ def test_training_step_runs_end_to_end():
     assert det["boxes"].shape == (2, 5, 4)
 
 
+def test_freeze_through_keeps_the_trunk_and_trains_the_rest(tmp_path):
+    keras.utils.set_random_seed(0)
+    model, cfg = ssd.build_ssd(ssd.SSDConfig(image_size=96, backbone="vgg16", freeze_through="block4_conv3"))
+    frozen = {layer.name for layer in model.layers if not layer.trainable}
+    assert {"block1_conv1", "block3_pool", "block4_conv3"} <= frozen
+    # conv4_3's L2 normalisation hangs off the frozen trunk but is not its ancestor: it trains.
+    assert not frozen & {"conv4_3_norm", "block5_conv1", "fc6", "fc7"}
+    before = {name: model.get_layer(name).get_weights()[0].copy() for name in ("block2_conv1", "fc6")}
+    targets = ssd.ssd_targets_fn(cfg)
+    _, y = targets(tf.zeros((96, 96, 1)), tf.constant([[0.2, 0.2, 0.5, 0.45]]), tf.constant([1]))
+    y = {k: v[None] for k, v in y.items()}
+    opt = keras.optimizers.SGD(0.1)
+    with tf.GradientTape() as tape:
+        loss = MultiBoxLoss(min_negatives=3)(y, model(tf.random.uniform((1, 96, 96, 1), seed=2), training=True))
+    opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    np.testing.assert_array_equal(model.get_layer("block2_conv1").get_weights()[0], before["block2_conv1"])
+    assert not np.array_equal(model.get_layer("fc6").get_weights()[0], before["fc6"])
+    model.save(tmp_path / "frozen.keras")
+    back = ssd.load_ssd(tmp_path / "frozen.keras")
+    frozen_weights = {layer.name for layer in model.layers if layer.weights and not layer.trainable}
+    assert {layer.name for layer in back.layers if layer.weights and not layer.trainable} == frozen_weights
+    with pytest.raises(ValueError, match="no layer 'conv99'"):
+        ssd.build_ssd(ssd.SSDConfig(image_size=96, backbone="cnn", freeze_through="conv99"))
+
+
 # ---------------------------------------------------------------- VGG weights
 
 

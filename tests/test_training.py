@@ -127,3 +127,9 @@ def test_a_re_evaluation_keeps_the_training_provenance_and_never_takes_an_evalua
     save_json(path, {"provenance": {"command": "mammo-tf evaluate-detector --model m", "date": "d"}})
     assert "trained_by" not in keep_training_provenance({}, path)
     assert keep_training_provenance({"command": "x"}, tmp_path / "missing.json") == {"command": "x"}
+
+
+def test_schedule_label_says_which_epoch_was_kept():
+    assert training.schedule_label(training.TrainConfig(epochs=60, early_stopping=False)) == "60 epochs"
+    assert (training.schedule_label(training.TrainConfig(epochs=60, early_stopping_patience=10))
+            == "best val loss of max 60 epochs, patience 10")

@@ -213,6 +213,21 @@ def load_vgg16_weights(model: keras.Model, weights: str | Path) -> None:
         layer.set_weights([kernel, bias])
 
 
+def freeze_through(model: keras.Model, last: str) -> list[str]:
+    """Make layer ``last`` and every layer it depends on untrainable; returns their names."""
+    try:
+        target = model.get_layer(last)
+    except ValueError as err:
+        raise ValueError(f"freeze_through: {model.name} has no layer {last!r}") from err
+    # The sub-model ending at `last` holds exactly its ancestors (branches such as SSD's
+    # conv4_3 L2 normalisation, which hang off the trunk, stay trainable).
+    frozen = [layer.name for layer in keras.Model(model.inputs, target.output).layers]
+    for name in frozen:
+        # Frozen BatchNormalization layers also run in inference mode (Keras 3), as fine-tuning wants.
+        model.get_layer(name).trainable = False
+    return frozen
+
+
 def cnn_features(
     inputs: keras.KerasTensor, config: clf.ClassifierConfig, n_maps: int = 2
 ) -> list[keras.KerasTensor]:

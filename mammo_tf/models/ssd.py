@@ -73,6 +73,8 @@ class SSDConfig:
     :class:`~mammo_tf.models.classifier.ClassifierConfig` dict of the cnn backbone.
     ``extra_layers``: ``(bottleneck, filters, kernel, stride, padding)`` per extra layer.
     ``scales`` (one per map plus one) override ``s_min``/``s_max``/``first_scale``.
+    ``freeze_through``: the last backbone layer kept frozen (e.g. ``"block3_conv3"``): that layer
+    and every layer before it keep their loaded weights during training; ``None`` trains all.
     """
 
     image_size: int = 300
@@ -91,6 +93,7 @@ class SSDConfig:
     first_scale: float | None = None
     clip_anchors: bool = True
     variances: tuple[float, float, float, float] = bx.VARIANCES
+    freeze_through: str | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -248,6 +251,8 @@ def build_ssd(cfg: SSDConfig | None = None) -> tuple[keras.Model, anc.AnchorConf
         backbones.load_vgg16_weights(model, cfg.weights)
     else:
         backbones.load_cnn_weights(model, cfg.weights, clf_cfg)
+    if cfg.freeze_through:
+        backbones.freeze_through(model, cfg.freeze_through)
     return model, anchor_cfg
 
 
