@@ -73,8 +73,8 @@ class SSDConfig:
     :class:`~mammo_tf.models.classifier.ClassifierConfig` dict of the cnn backbone.
     ``extra_layers``: ``(bottleneck, filters, kernel, stride, padding)`` per extra layer.
     ``scales`` (one per map plus one) override ``s_min``/``s_max``/``first_scale``.
-    ``freeze_through``: the last backbone layer kept frozen (e.g. ``"block3_conv3"``): that layer
-    and every layer before it keep their loaded weights during training; ``None`` trains all.
+    ``freeze_through``: the last backbone layer kept frozen (e.g. ``"block5_conv3"``): that layer
+    and every layer it depends on keep their loaded weights during training; ``None`` trains all.
     """
 
     image_size: int = 300
