@@ -246,8 +246,9 @@ def tf_augment(image, seed, max_angle: float = 0.0, rot90s: bool = True, flips: 
     return image
 
 
-def tf_augment_with_boxes(image, boxes, seed, max_angle: float = 0.0, rot90s: bool = True, flips: bool = True):
-    """`tf_augment` of a square (H, W, C) image with its pixel boxes transformed the same way."""
+def tf_augment_with_boxes(image, boxes, seed, max_angle: float = 0.0, rot90s: bool = True, flips: bool = True,
+                          flips_up_down: bool = True):
+    """`tf_augment` of a square (H, W, C) image with its pixel boxes transformed the same way (``flips_up_down=False``: left-right flips only)."""
     import tensorflow as tf
 
     s_angle, s_k, s_h, s_v = _seeds(seed, 4)
@@ -263,7 +264,7 @@ def tf_augment_with_boxes(image, boxes, seed, max_angle: float = 0.0, rot90s: bo
         boxes = tf_rot90_boxes(boxes, k, h, w)
     if flips:
         # The same coin decides the image and the boxes.
-        for s, horizontal in ((s_h, True), (s_v, False)):
+        for s, horizontal in ((s_h, True), (s_v, False))[:2 if flips_up_down else 1]:
             do = tf.random.stateless_uniform([], s) < 0.5
             image = tf.cond(do, lambda: tf.reverse(image, [1 if horizontal else 0]), lambda: image)
             boxes = tf.cond(do, lambda: tf_flip_boxes(boxes, h, w, horizontal), lambda: boxes)

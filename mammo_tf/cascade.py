@@ -144,15 +144,10 @@ class Cascade:
 
 
 def load_classifier_fold(classifier_dir: str | Path, fold: int) -> Any:
-    """The saved Keras model of one fold of a classifier experiment (safe mode)."""
-    import keras
+    """The Keras model of one fold of a classifier experiment (a CNN, or a VGG16 probe)."""
+    from mammo_tf.classify import load_fold_model
 
-    import mammo_tf.models  # noqa: F401  (registers the custom layers)
-
-    path = Path(classifier_dir) / f"fold{fold}" / "model.keras"
-    if not path.is_file():
-        raise FileNotFoundError(f"{classifier_dir}: no fold{fold}/model.keras (not a trained classifier fold)")
-    return keras.saving.load_model(path, safe_mode=True)
+    return load_fold_model(Path(classifier_dir) / f"fold{fold}")
 
 
 def _read(item: str | Path | np.ndarray) -> np.ndarray:
@@ -315,7 +310,7 @@ def add_cli_arguments(parser: Any) -> None:
     """The ``detect`` subcommand's cascade options: --cascade, --classifier, --gate, --gate-threshold, --classifier-fold."""
     parser.add_argument("--cascade", action="store_true",
                         help="gate the detector with the whole-mammogram classifier (needs --classifier)")
-    parser.add_argument("--classifier", default=None, help="a classifier experiment folder (fold<k>/model.keras)")
+    parser.add_argument("--classifier", default=None, help="a classifier experiment folder (trained fold<k>/)")
     parser.add_argument("--classifier-fold", type=int, default=0, help="which fold's classifier model gates")
     parser.add_argument("--gate", default=None, help="gate.json written by evaluate_cascade (or its folder)")
     parser.add_argument("--gate-threshold", type=float, default=None,
@@ -369,10 +364,10 @@ def add_cli(subparsers: Any) -> None:
 
 @dataclasses.dataclass
 class ClassifierFold:
-    """One trained fold of a classifier experiment: its model file and the patients it saw or tested."""
+    """One trained fold of a classifier experiment: its folder and the patients it saw or tested."""
 
     index: int
-    model_path: Path
+    fold_dir: Path
     seen: frozenset        # training patients (train + validation): the model saw them
     test: frozenset        # its test patients (film_predictions.csv)
 
@@ -395,15 +390,15 @@ def classifier_folds(classifier_dir: str | Path, annotations: pd.DataFrame | Non
     patient_of = mias.images_table(ann).set_index("refnum")["patient_id"]
     out = []
     for k, (train, test) in enumerate(splits.patient_folds(ann, n_splits=exp.folds, seed=exp.seed)):
-        path, preds = cdir / f"fold{k}" / "model.keras", cdir / f"fold{k}" / "film_predictions.csv"
-        if not (path.is_file() and preds.is_file()):
+        path, preds = cdir / f"fold{k}", cdir / f"fold{k}" / "film_predictions.csv"
+        if not (classify.is_trained_fold(path) and preds.is_file()):
             continue
         tested = set(patient_of.loc[pd.read_csv(preds)["refnum"]].astype(int))
         if tested != set(map(int, test)):
             raise ValueError(f"{preds}: its patients differ from the rebuilt fold {k} of {cdir.name}")
         out.append(ClassifierFold(k, path, frozenset(map(int, train)), frozenset(map(int, test))))
     if not out:
-        raise FileNotFoundError(f"{cdir}: no trained fold (fold<k>/model.keras + film_predictions.csv)")
+        raise FileNotFoundError(f"{cdir}: no trained fold (fold<k>/ with a model + film_predictions.csv)")
     return out
 
 

@@ -16,6 +16,11 @@ patients are scored three ways:
 
 Baselines on the same folds: the majority class (training prior) and a class-balanced logistic
 regression on simple intensity features (of the patch, or of the film's breast region).
+
+With ``classifier: vgg16_probe`` the trained CNN is replaced by a linear probe
+(:mod:`mammo_tf.models.probe`): a frozen pretrained VGG16's pooled features of each patch under a
+logistic regression, scored by exactly the same protocol; a film-level probe (the features pooled
+over the film, logistic regression on film labels) is reported beside it.
 The leakage audit trains the same network on a naive random split of the (jittered, repeated)
 patches, ignoring patients, and is reported beside the patient-level numbers as leaky.
 """
@@ -23,6 +28,7 @@ patches, ignoring patients, and is reported beside the patient-level numbers as 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +43,11 @@ from mammo_tf.data import mias, splits
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 from mammo_tf.metrics import classification as cm
 
+# Where each kind of classifier's results live in metrics.json ("cnn" for the small CNN, as ever).
+MODEL_KEYS = {"cnn": "cnn", "vgg16_probe": "probe"}
+PATCH_KEY = ["refnum", "top", "left", "size"]
+SHORT_NAMES = {"cnn": "small CNN", "probe": "VGG16 probe, patches", "probe_film": "VGG16 probe, film features",
+               "logistic": "logistic, intensity", "majority": "majority class"}
 METRIC_KEYS = {"accuracy": "accuracy", "balanced acc": "balanced_accuracy", "macro AUC": "macro_roc_auc",
                "abnormal AUC": "abnormal_vs_normal_auc"}
 
@@ -60,7 +71,9 @@ class ClassifierExperiment:
     epoch_repeats: int = 1                    # passes over the (augmented) training patches per epoch
     max_films: int | None = None              # small setting: a subset of patients
     leakage_audit: bool = False
+    classifier: str = "cnn"                   # cnn (the small CNN, trained) | vgg16_probe (frozen VGG16 + logistic)
     model: dict = field(default_factory=dict)  # mammo_tf.models.classifier.ClassifierConfig
+    probe: dict = field(default_factory=dict)  # mammo_tf.models.probe.ProbeConfig (classifier: vgg16_probe)
     train: dict = field(default_factory=dict)  # mammo_tf.training.TrainConfig
 
 
@@ -156,13 +169,33 @@ def score_image(model: Any, image: np.ndarray, size: int | None = None, mask: np
     return proba[int(np.argmax(abnormal))], heat
 
 
-def example_calls(exp_dir: str | Path, fold: int = 0, n_correct: int = 2, n_wrong: int = 2,
-                  seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """Correct and wrong whole-mammogram calls of one fold's test films, with their heat maps."""
+def is_trained_fold(fold_dir: str | Path) -> bool:
+    """Whether a classifier fold folder holds a trained model (a CNN's model.keras or a probe's probe.npz)."""
+    return any((Path(fold_dir) / name).is_file() for name in ("model.keras", "probe.npz"))
+
+
+def load_fold_model(fold_dir: str | Path) -> Any:
+    """One trained fold as a Keras model taking [0, 1] patches: the CNN's ``model.keras`` (safe mode),
+    or a probe rebuilt from its experiment's config and ``probe.npz`` (the frozen trunk is not saved twice)."""
     import keras
 
     import mammo_tf.models  # noqa: F401  (registers the custom layers for safe loading)
 
+    fold_dir = Path(fold_dir)
+    if (fold_dir / "model.keras").is_file():
+        return keras.saving.load_model(fold_dir / "model.keras", safe_mode=True)
+    if (fold_dir / "probe.npz").is_file():
+        from mammo_tf.models import probe
+
+        exp = from_dict(ClassifierExperiment, load_config(fold_dir.parent / "config.yaml"))
+        extractor = probe.build_extractor(exp.size, probe.ProbeConfig.from_dict(exp.probe))
+        return probe.as_keras(extractor, probe.load_probe(fold_dir / "probe.npz"))
+    raise FileNotFoundError(f"{fold_dir}: no model.keras or probe.npz (not a trained classifier fold)")
+
+
+def example_calls(exp_dir: str | Path, fold: int = 0, n_correct: int = 2, n_wrong: int = 2,
+                  seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Correct and wrong whole-mammogram calls of one fold's test films, with their heat maps."""
     exp_dir = Path(exp_dir)
     preds = pd.read_csv(exp_dir / f"fold{fold}" / "film_predictions.csv")
     preds["predicted"] = preds[list(mias.CLASSES)].to_numpy().argmax(axis=1)
@@ -173,7 +206,7 @@ def example_calls(exp_dir: str | Path, fold: int = 0, n_correct: int = 2, n_wron
         right.sort_values("label_id", ascending=False, kind="stable").head(n_correct),
         wrong.sort_values("label_id", ascending=False, kind="stable").head(n_wrong),
     ])
-    model = keras.saving.load_model(exp_dir / f"fold{fold}" / "model.keras", safe_mode=True)
+    model = load_fold_model(exp_dir / f"fold{fold}")
     images, heats, titles = [], [], []
     for row in pick.itertuples():
         image = mias.load_image(row.refnum)
@@ -195,13 +228,137 @@ def _report(y: np.ndarray, proba: np.ndarray) -> dict:
     return cm.classification_report_dict(y, proba, class_names=mias.CLASSES)
 
 
-def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict[str, pd.DataFrame],
-             folds: list, films: patches.FilmCache, out: Path) -> dict:
-    """Train and evaluate one fold; returns its metrics and predictions."""
+class FeatureBank:
+    """Probe features of every patch an experiment scores, extracted once: the frozen trunk does not depend on the fold.
+
+    They are kept in the data cache (``mias.cache_dir()/probe_features``, beside the films and never in
+    the repository: they derive from the licensed images), one file per trunk setting, so that other
+    experiments reuse the patches already described.
+    """
+
+    def __init__(self, frames: list[pd.DataFrame], films: patches.FilmCache, size: int, config: Any,
+                 verbose: bool = True) -> None:
+        from mammo_tf.models import probe
+
+        keys = pd.concat([f[PATCH_KEY] for f in frames]).drop_duplicates().reset_index(drop=True)
+        setting = f"{config.weights}|{','.join(config.layers)}|{','.join(config.pooling)}|{size}"
+        path = mias.cache_dir() / "probe_features" / f"{hashlib.sha256(setting.encode()).hexdigest()[:16]}.npz"
+        known, known_x = self._read(path)
+        index = pd.MultiIndex.from_frame(keys)
+        missing = keys[~index.isin(known)] if len(known) else keys
+        print(f"[mammo-tf] VGG16 ({config.weights}) probe features of {len(keys)} patches "
+              f"({len(keys) - len(missing)} from {path})", flush=True)
+        if len(missing):
+            new_x = probe.extract_features(probe.build_extractor(size, config), _patch_pixels(missing, films),
+                                           config.batch_size, verbose=verbose)
+            known = known.append(pd.MultiIndex.from_frame(missing)) if len(known) else pd.MultiIndex.from_frame(missing)
+            known_x = np.concatenate([known_x, new_x]) if len(known_x) else new_x
+            self._write(path, known, known_x)
+        self.index, self.features = known, known_x
+
+    @staticmethod
+    def _read(path: Path) -> tuple[pd.MultiIndex, np.ndarray]:
+        empty = pd.MultiIndex.from_arrays([[], [], [], []], names=PATCH_KEY), np.zeros((0, 0), np.float32)
+        if not path.is_file():
+            return empty
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                frame = pd.DataFrame({"refnum": z["refnum"].astype(str), "top": z["top"], "left": z["left"],
+                                      "size": z["size"]})
+                return pd.MultiIndex.from_frame(frame), z["features"]
+        except (OSError, ValueError, KeyError) as err:  # a damaged cache is rebuilt, never trusted
+            print(f"[mammo-tf] ignoring unreadable feature cache {path}: {err}", flush=True)
+            return empty
+
+    @staticmethod
+    def _write(path: Path, index: pd.MultiIndex, features: np.ndarray) -> None:
+        frame = index.to_frame(index=False)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, refnum=frame["refnum"].to_numpy(str), top=frame["top"].to_numpy(np.int64),
+                         left=frame["left"].to_numpy(np.int64), size=frame["size"].to_numpy(np.int64),
+                         features=features)
+
+    def __call__(self, records: pd.DataFrame) -> np.ndarray:
+        """The features of these patch records, in their order."""
+        rows = self.index.get_indexer(pd.MultiIndex.from_frame(records[PATCH_KEY]))
+        if (rows < 0).any():
+            raise KeyError(f"{int((rows < 0).sum())} patches have no extracted features")
+        return self.features[rows]
+
+    def films(self, records: pd.DataFrame) -> pd.DataFrame:
+        """One row per film: the mean and the maximum of its patches' features (a film-level representation)."""
+        x = self(records)
+        groups = pd.DataFrame(x).groupby(records["refnum"].to_numpy())
+        return pd.concat([groups.mean(), groups.max()], axis=1)
+
+
+def _fit_cnn(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.DataFrame, films: patches.FilmCache,
+             fold_dir: Path) -> tuple[Any, dict]:
+    """Train (or, for a finished fold, load) the small CNN; returns its predictor and what to record."""
     import keras
 
     from mammo_tf.models import classifier as clf
 
+    tcfg = from_dict(training.TrainConfig, {"seed": exp.seed + k, **exp.train})
+    mcfg = clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size})
+    model_path = fold_dir / "model.keras"
+    trained_here = not model_path.is_file()
+    if not trained_here:
+        # A finished fold is evaluated, not retrained (resume, and `evaluate-classifier`).
+        model = keras.saving.load_model(model_path, safe_mode=True)
+        history = pd.read_csv(fold_dir / "history.csv")
+    else:
+        kw = dict(batch_size=tcfg.batch_size, films=films)
+        train_ds = pipelines.patch_dataset(train, training=True, seed=exp.seed + k, augment_train=exp.augment,
+                                           max_angle=exp.max_angle,
+                                           balance="resample" if exp.balance == "resample" else None, **kw)
+        train_ds = train_ds.repeat(exp.epoch_repeats)
+        val_ds = pipelines.patch_dataset(val, training=False, **kw)
+        weights = pipelines.class_weights(train) if exp.balance == "class_weight" else None
+        model, history = training.fit(lambda: clf.build_classifier(mcfg), lambda: {
+            "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
+            train_ds, val_ds, tcfg, fold_dir, class_weight=weights, verbose=2)
+        history.to_csv(fold_dir / "history.csv", index=False)
+        with atomic_path(model_path) as tmp:
+            model.save(tmp)
+    return (lambda frame: _predict(model, frame, films, tcfg.batch_size)), {
+        "trained_here": trained_here, "epochs_run": int(len(history))}
+
+
+def _fit_probe(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.DataFrame, bank: FeatureBank,
+               fold_dir: Path) -> tuple[Any, dict]:
+    """Fit the logistic regression on the frozen VGG16 features of the fold's training patches; C on validation."""
+    from mammo_tf.models import probe
+
+    cfg = probe.ProbeConfig.from_dict(exp.probe)
+    model, aucs = probe.fit_probe(bank(train), train["label_id"].to_numpy(), bank(val), val["label_id"].to_numpy(),
+                                  cfg.c_grid, seed=exp.seed + k)
+    probe.save_probe(model, fold_dir / "probe.npz")
+    chosen = float(model.named_steps["logisticregression"].C)
+    return (lambda frame: probe.full_proba(model, bank(frame))), {
+        "trained_here": True, "probe": {"C": chosen, "validation_abnormal_auc": {str(c): a for c, a in aucs.items()}}}
+
+
+def _fit_film_probe(exp: ClassifierExperiment, k: int, bank: FeatureBank, whole: pd.DataFrame,
+                    film_labels: pd.Series, tr_pat: list, va_pat: list, test_films: list[str]) -> tuple[np.ndarray, dict]:
+    """A film-level model on film labels: logistic regression on each film's pooled patch features."""
+    from mammo_tf.models import probe
+
+    cfg = probe.ProbeConfig.from_dict(exp.probe)
+    feats = bank.films(whole)
+    tr = sorted(whole[whole["patient_id"].isin(tr_pat)]["refnum"].unique())
+    va = sorted(whole[whole["patient_id"].isin(va_pat)]["refnum"].unique())
+    model, aucs = probe.fit_probe(feats.loc[tr].to_numpy(), film_labels.loc[tr].to_numpy(),
+                                  feats.loc[va].to_numpy(), film_labels.loc[va].to_numpy(), cfg.c_grid, seed=exp.seed + k)
+    return probe.full_proba(model, feats.loc[test_films].to_numpy()), {
+        "C": float(model.named_steps["logisticregression"].C), "validation_abnormal_auc": {str(c): a for c, a in aucs.items()}}
+
+
+def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict[str, pd.DataFrame],
+             folds: list, films: patches.FilmCache, out: Path, bank: FeatureBank | None = None) -> dict:
+    """Train and evaluate one fold; returns its metrics and predictions."""
+    key = MODEL_KEYS[exp.classifier]
     train_pat, test_pat = folds[k]
     tr_pat, va_pat = splits.train_val_split(ann, train_pat, exp.val_fraction, seed=exp.seed + k)
     own = records["own"]
@@ -212,40 +369,23 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     # The validation patches get the training class mix: their loss is then comparable to the training
     # loss, and an epoch does not spend most of its time scoring thousands of normal grid patches.
     val = _subsample_normals(val, exp.normal_per_abnormal, exp.seed + k)
-    tcfg = from_dict(training.TrainConfig, {"seed": exp.seed + k, **exp.train})
-    mcfg = clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size})
-    kw = dict(batch_size=tcfg.batch_size, films=films)
-    train_ds = pipelines.patch_dataset(train, training=True, seed=exp.seed + k, augment_train=exp.augment,
-                                       max_angle=exp.max_angle,
-                                       balance="resample" if exp.balance == "resample" else None, **kw)
-    train_ds = train_ds.repeat(exp.epoch_repeats)
-    val_ds = pipelines.patch_dataset(val, training=False, **kw)
-    weights = pipelines.class_weights(train) if exp.balance == "class_weight" else None
     fold_dir = out / f"fold{k}"
-    model_path = fold_dir / "model.keras"
-    trained_here = not model_path.is_file()
-    if not trained_here:
-        # A finished fold is evaluated, not retrained (resume, and `evaluate-classifier`).
-        model = keras.saving.load_model(model_path, safe_mode=True)
-        history = pd.read_csv(fold_dir / "history.csv")
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    if exp.classifier == "cnn":
+        predict, fitted = _fit_cnn(exp, k, train, val, films, fold_dir)
     else:
-        model, history = training.fit(lambda: clf.build_classifier(mcfg), lambda: {
-            "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
-            train_ds, val_ds, tcfg, fold_dir, class_weight=weights, verbose=2)
-        history.to_csv(fold_dir / "history.csv", index=False)
-        with atomic_path(model_path) as tmp:
-            model.save(tmp)
+        predict, fitted = _fit_probe(exp, k, train, val, bank, fold_dir)
 
-    result: dict[str, Any] = {"fold": k, "trained_here": trained_here, "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
-                              "epochs_run": int(len(history))}
-    # Does the network fit its own training set? (Evaluated without augmentation.)
-    result["train_own"] = _report(train["label_id"].to_numpy(), _predict(model, train, films, tcfg.batch_size))
+    result: dict[str, Any] = {"fold": k, "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
+                              **fitted}
+    # Does the model fit its own training set? (Evaluated without augmentation.)
+    result["train_own"] = _report(train["label_id"].to_numpy(), predict(train))
     x_train = baselines.intensity_features(_patch_pixels(train, films))
     for name, frame in (("own", test), ("grid", pipelines.split_records(records["grid"], tr_pat, test_pat)[1])):
         frame = frame[frame["label_id"] >= 0]
         y = frame["label_id"].to_numpy()
         result[f"patch_{name}"] = {
-            "cnn": _report(y, _predict(model, frame, films, tcfg.batch_size)),
+            key: _report(y, predict(frame)),
             "majority": _report(y, baselines.majority_proba(train["label_id"].to_numpy(), len(y))),
             "logistic": _report(y, baselines.logistic_proba(
                 x_train, train["label_id"].to_numpy(), baselines.intensity_features(_patch_pixels(frame, films)))),
@@ -253,26 +393,34 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     # Whole mammogram: every grid patch over the breast, labelled or not.
     whole = records["whole"]
     test_whole = whole[whole["patient_id"].isin(test_pat)]
-    test_proba = _predict(model, test_whole, films, tcfg.batch_size)
+    test_proba = predict(test_whole)
     scores = film_scores(test_whole, test_proba)
     film_labels = mias.images_table(ann).set_index("refnum")["label_id"]
     y_film = film_labels.loc[scores.index].to_numpy()
     train_films = sorted(ann[ann["patient_id"].isin(train_pat)]["refnum"].unique())
-    # The film rule is chosen on the validation patients, whose films the network never trained on.
+    # The film rule is chosen on the validation patients, whose films the model never trained on.
     val_whole = whole[whole["patient_id"].isin(va_pat)]
-    rule, val_aucs = choose_film_rule(val_whole, _predict(model, val_whole, films, tcfg.batch_size), film_labels)
+    rule, val_aucs = choose_film_rule(val_whole, predict(val_whole), film_labels)
     chosen = film_scores(test_whole, test_proba, rule)
     result["film_rule"] = {"chosen": rule, "validation_abnormal_auc": val_aucs, "n_validation_films": int(val_whole["refnum"].nunique())}
     result["image"] = {
-        "cnn": _report(y_film, scores[list(mias.CLASSES)].to_numpy()),
-        "cnn_film_rule": _report(y_film, chosen[list(mias.CLASSES)].to_numpy()),
+        key: _report(y_film, scores[list(mias.CLASSES)].to_numpy()),
+        f"{key}_film_rule": _report(y_film, chosen[list(mias.CLASSES)].to_numpy()),
         "majority": _report(y_film, baselines.majority_proba(film_labels.loc[train_films].to_numpy(), len(y_film))),
         "logistic": _report(y_film, baselines.logistic_proba(
             _film_features(train_films, films), film_labels.loc[train_films].to_numpy(),
             _film_features(list(scores.index), films))),
     }
+    extra = {}
+    if bank is not None and exp.strategy == "grid_keep":
+        # The film-level probe sees only the film's grid_keep patches, whatever the patch strategy: the
+        # grid_keep experiment of each size reports it (other strategies would repeat the same numbers).
+        film_proba, result["film_probe"] = _fit_film_probe(exp, k, bank, whole, film_labels, tr_pat, va_pat,
+                                                           list(scores.index))
+        result["image"]["probe_film"] = _report(y_film, film_proba)
+        extra["score_probe_film"] = 1.0 - film_proba[:, 0]
     per_rule = {f"score_{r}": film_scores(test_whole, test_proba, r)["abnormal_score"] for r in FILM_RULES}
-    scores.assign(**per_rule, chosen_rule=rule, label_id=y_film, fold=k).to_csv(
+    scores.assign(**per_rule, **extra, chosen_rule=rule, label_id=y_film, fold=k).to_csv(
         fold_dir / "film_predictions.csv", index_label="refnum")
     return result
 
@@ -315,8 +463,32 @@ def _films_subset(ann: pd.DataFrame, exp: ClassifierExperiment) -> list[str] | N
     return sorted(ann[ann["patient_id"].isin(chosen)]["refnum"].unique())
 
 
+def model_label(exp: ClassifierExperiment) -> str:
+    """How report rows name the experiment's model: what it is, what it was fitted on, and the recipe."""
+    if exp.classifier == "vgg16_probe":
+        from mammo_tf.models import probe
+
+        cfg = probe.ProbeConfig.from_dict(exp.probe)
+        layers = "+".join(name.replace("block", "").replace("_conv", "_") for name in cfg.layers)
+        return (f"VGG16 ({cfg.weights}, frozen) conv{layers} {'/'.join(cfg.pooling)}-pooled + logistic regression, fitted on "
+                f"{exp.strategy} {exp.size} (C chosen on validation patients)")
+    return f"CNN trained on {exp.strategy} {exp.size} ({_cnn_recipe(exp)})"
+
+
+def _cnn_recipe(exp: ClassifierExperiment) -> str:
+    return training.schedule_label(from_dict(training.TrainConfig, exp.train)) + ", " + (
+        "flips/rot90" if exp.augment else "no augmentation")
+
+
+def film_probe_label(exp: ClassifierExperiment) -> str:
+    """How report rows name the film-level probe of a probe experiment."""
+    return (f"VGG16 features of the film's {exp.size} px patches pooled (mean, max) + logistic regression "
+            "on film labels")
+
+
 def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict] | None = None) -> list[dict]:
     leak = exp.strategy == "lesion_centred"
+    key = MODEL_KEYS[exp.classifier]
     hardware = f"{prov['hardware']['cpu']} ({prov['hardware']['cpu_count']} cores), GPUs: {prov['hardware']['gpus']}"
     common = {"command": prov["command"], "hardware": hardware, "date": prov["date"]}
     tables = [
@@ -328,73 +500,82 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
     if exp.strategy == "grid_keep":
         tables = tables[1:]  # its own test patches are the grid_keep ones: the same table twice otherwise
     fitted_on = f" (fitted on {exp.strategy} {exp.size} training patches)"
-    recipe = training.schedule_label(from_dict(training.TrainConfig, exp.train)) + ", " + (
-        "flips/rot90" if exp.augment else "no augmentation")
+    label = model_label(exp)
     fit = summary.get("train_own.balanced_accuracy")
+
+    def values_of(level: str, model: str) -> dict:
+        return {col: [summary[f"{level}.{model}.{m}"]["mean"], summary[f"{level}.{model}.{m}"]["std"]]
+                for col, m in METRIC_KEYS.items() if f"{level}.{model}.{m}" in summary}
+
     rows = []
-    for key, title, note in tables:
-        for model in ("cnn", "majority", "logistic"):
+    for level, title, note in tables:
+        for model in (key, "majority", "logistic"):
             # Patch-level baselines are fitted on each experiment's own training patches; film-level ones
             # on the films, the same for every experiment.
-            suffix = fitted_on if key != "image" else ""
-            label = {"cnn": f"CNN trained on {exp.strategy} {exp.size} ({recipe})", "majority": "majority class" + suffix,
-                     "logistic": "logistic regression, intensity features" + suffix}[model]
-            values = {}
-            for col, metric in METRIC_KEYS.items():
-                s = summary.get(f"{key}.{model}.{metric}")
-                values[col] = [s["mean"], s["std"]] if s else float("nan")
-            if model == "cnn" and key != "image" and fit:
-                # Does the network fit its own (unaugmented) training patches? Underfitting shows here.
+            suffix = fitted_on if level != "image" else ""
+            row = {key: label, "majority": "majority class" + suffix,
+                   "logistic": "logistic regression, intensity features" + suffix}[model]
+            values = {col: values_of(level, model).get(col, float("nan")) for col in METRIC_KEYS}
+            if model == key and level != "image" and fit:
+                # Does the model fit its own (unaugmented) training patches? Underfitting shows here.
                 values["train bal. acc (fit check)"] = [fit["mean"], fit["std"]]
-            notes = [note] if note and model == "cnn" else []
+            notes = [note] if note and model == key else []
             notes.append(f"n_folds={summary.get('n_folds', '?')}")
-            rows.append({"table": title, "row": label, "values": values, "note": "; ".join(notes), **common})
+            rows.append({"table": title, "row": row, "values": values, "note": "; ".join(notes), **common})
     chosen = [f["film_rule"]["chosen"] for f in folds or [] if "film_rule" in f]
-    if chosen and "image.cnn_film_rule.macro_roc_auc" in summary:
+    if chosen and f"image.{key}_film_rule.macro_roc_auc" in summary:
         title = "Classification, whole mammogram (film rule chosen on validation patients)"
-        for model, label, note in (
-                ("cnn_film_rule", f"CNN trained on {exp.strategy} {exp.size} ({recipe})",
+        for model, row, note in (
+                (f"{key}_film_rule", label,
                  f"rule per fold: {', '.join(chosen)} (best validation AUC among {', '.join(FILM_RULES)}); "),
                 ("majority", "majority class", ""), ("logistic", "logistic regression, intensity features", "")):
-            values = {col: [summary[f"image.{model}.{m}"]["mean"], summary[f"image.{model}.{m}"]["std"]]
-                      for col, m in METRIC_KEYS.items() if f"image.{model}.{m}" in summary}
-            rows.append({"table": title, "row": label, "values": values,
+            rows.append({"table": title, "row": row, "values": values_of("image", model),
                          "note": f"{note}n_folds={summary.get('n_folds', '?')}", **common})
-    rows += _paired_rows(exp, recipe, folds or [], common)
+    if "image.probe_film.macro_roc_auc" in summary:
+        c_values = [f["film_probe"]["C"] for f in folds or [] if "film_probe" in f]
+        rows.append({"table": "Classification, whole mammogram (max over breast patches)", "row": film_probe_label(exp),
+                     "values": values_of("image", "probe_film"),
+                     "note": f"trained on training patients' films, C per fold {c_values} chosen on validation patients; "
+                             f"n_folds={summary.get('n_folds', '?')}", **common})
+    rows += _paired_rows(exp, label, folds or [], common)
     from mammo_tf.models import classifier as clf
 
-    counts = clf.count_params_pair(clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size}))
-    rows.append({"table": "Classifier network size (parameters)", "row": f"{exp.size} px input",
-                 "values": {"depthwise-separable (ours)": counts["separable"], "ordinary convolutions": counts["ordinary"],
-                            "ratio": round(counts["ratio"], 3)}, "note": "4 conv (2 separable), 1 pooling, 1 dense", **common})
+    if exp.classifier == "cnn":
+        counts = clf.count_params_pair(clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size}))
+        rows.append({"table": "Classifier network size (parameters)", "row": f"{exp.size} px input",
+                     "values": {"depthwise-separable (ours)": counts["separable"], "ordinary convolutions": counts["ordinary"],
+                                "ratio": round(counts["ratio"], 3)}, "note": "4 conv (2 separable), 1 pooling, 1 dense", **common})
     if "naive.cnn.macro_roc_auc" in summary:
         # One random split, copied into every fold's results: its spread over folds is not a spread.
         values = {col: [summary[f"naive.cnn.{m}"]["mean"], float("nan")] for col, m in METRIC_KEYS.items()}
-        rows.append({"table": tables[0][1], "row": f"CNN, naive random patch split (LEAKY) ({recipe})", "values": values,
+        rows.append({"table": tables[0][1], "row": f"CNN, naive random patch split (LEAKY) ({_cnn_recipe(exp)})",
+                     "values": values,
                      "note": "one random split of the patches; patients on both sides of the split: not a valid estimate",
                      **common})
     return rows
 
 
-PAIRED_TABLE = "Classification: CNN minus the logistic baseline, paired by patient fold"
+PAIRED_TABLE = "Classification: model minus the logistic baseline, paired by patient fold"
 
 
-def _paired_rows(exp: ClassifierExperiment, recipe: str, folds: list[dict], common: dict) -> list[dict]:
-    """CNN minus logistic regression fold by fold: the spread of a difference on shared folds, not of two means."""
+def _paired_rows(exp: ClassifierExperiment, label: str, folds: list[dict], common: dict) -> list[dict]:
+    """Model minus logistic regression fold by fold: the spread of a difference on shared folds, not of two means."""
+    key = MODEL_KEYS[exp.classifier]
     rows = []
-    for key, where in (("patch_grid", "grid_keep test patches"), ("image", "whole mammogram, max rule")):
-        pairs = [f[key] for f in folds if key in f and "cnn" in f[key] and "logistic" in f[key]]
+    for level, model, row in (("patch_grid", key, f"{label}, grid_keep test patches"),
+                              ("image", key, f"{label}, whole mammogram, max rule"),
+                              ("image", "probe_film", f"{film_probe_label(exp)}, whole mammogram")):
+        pairs = [f[level] for f in folds if level in f and model in f[level] and "logistic" in f[level]]
         if not pairs:
             continue
-        diffs = {col: cm.paired_differences([p["cnn"][m] for p in pairs], [p["logistic"][m] for p in pairs])
+        diffs = {col: cm.paired_differences([p[model][m] for p in pairs], [p["logistic"][m] for p in pairs])
                  for col, m in (("Δ abnormal AUC", "abnormal_vs_normal_auc"), ("Δ macro AUC", "macro_roc_auc"),
                                 ("Δ balanced acc", "balanced_accuracy"))}
         values: dict[str, Any] = {col: [d["mean"], d["std"]] if d["n"] > 1 else d["mean"] for col, d in diffs.items()}
         abnormal = diffs["Δ abnormal AUC"]
-        values["folds CNN ahead (abnormal AUC)"] = f"{abnormal['ahead']}/{abnormal['n']}"
-        rows.append({"table": PAIRED_TABLE, "row": f"CNN trained on {exp.strategy} {exp.size} ({recipe}), {where}",
-                     "values": values, "note": "mean ± std over folds of the per-fold difference; > 0: CNN ahead",
-                     **common})
+        values["folds model ahead (abnormal AUC)"] = f"{abnormal['ahead']}/{abnormal['n']}"
+        rows.append({"table": PAIRED_TABLE, "row": row, "values": values,
+                     "note": "mean ± std over folds of the per-fold difference; > 0: model ahead", **common})
     return rows
 
 
@@ -412,6 +593,18 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     """Cross-validate the classifier; write config, per-fold and summary metrics, figures and models."""
     from mammo_tf.plots import classification as cplots
 
+    if exp.classifier not in MODEL_KEYS:
+        raise ConfigError(f"classifier must be one of {sorted(MODEL_KEYS)}, got {exp.classifier!r}")
+    if exp.classifier != "cnn" and exp.leakage_audit:
+        raise ConfigError("the leakage audit trains the CNN: set leakage_audit false for a vgg16_probe experiment")
+    if exp.classifier == "cnn" and exp.probe:
+        raise ConfigError("probe options are for classifier: vgg16_probe")
+    try:
+        from mammo_tf.models import probe
+
+        probe_cfg = probe.ProbeConfig.from_dict(exp.probe)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"probe: {err}") from err
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "config.yaml"
@@ -435,7 +628,10 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     }
     folds = splits.patient_folds(ann, n_splits=exp.folds, seed=exp.seed)
     n_run = min(exp.folds, exp.max_folds or exp.folds)
-    fold_results = [run_fold(exp, k, ann, records, folds, films, out) for k in range(n_run)]
+    bank = None
+    if exp.classifier == "vgg16_probe":
+        bank = FeatureBank([records["own"], records["grid"], records["whole"]], films, exp.size, probe_cfg)
+    fold_results = [run_fold(exp, k, ann, records, folds, films, out, bank) for k in range(n_run)]
     flat = [{k: v for k, v in r.items() if k not in ("fold",)} for r in fold_results]
     if exp.leakage_audit:
         audit = _naive_split_audit(exp, ann, films, out)
@@ -450,17 +646,23 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     metrics = {"experiment": dataclasses.asdict(exp), "summary": summary, "folds": fold_results,
                "provenance": prov, "results": _rows(summary, exp, prov, fold_results)}
     save_json(out / "metrics.json", metrics)
-    _figures(out, fold_results, cplots)
+    _figures(out, fold_results, cplots, MODEL_KEYS[exp.classifier])
     return metrics
 
 
-def _figures(out: Path, fold_results: list[dict], cplots: Any) -> None:
+def _figures(out: Path, fold_results: list[dict], cplots: Any, model: str = "cnn") -> None:
     """Training curves (fold 0), summed confusion matrices and pooled ROC curves, as PNG."""
-    hist = pd.read_csv(out / "fold0" / "history.csv")
-    save_figure(cplots.plot_training_curves(hist), out / "training_curves.png")
-    for key in ("patch_grid", "image"):
-        total = np.sum([r[key]["cnn"]["confusion_matrix"] for r in fold_results], axis=0)
-        save_figure(cplots.plot_confusion_matrix(total, mias.CLASSES), out / f"confusion_{key}.png")
+    if (out / "fold0" / "history.csv").is_file():  # a probe has no epochs
+        hist = pd.read_csv(out / "fold0" / "history.csv")
+        save_figure(cplots.plot_training_curves(hist), out / "training_curves.png")
+    for level in ("patch_grid", "image"):
+        total = np.sum([r[level][model]["confusion_matrix"] for r in fold_results], axis=0)
+        save_figure(cplots.plot_confusion_matrix(total, mias.CLASSES), out / f"confusion_{level}.png")
+    for level, where in (("patch_grid", "grid_keep test patches"), ("image", "whole mammogram")):
+        models = [m for m in (model, "probe_film", "logistic", "majority") if m in fold_results[0][level]]
+        per_fold = {SHORT_NAMES[m]: [r[level][m]["abnormal_vs_normal_auc"] for r in fold_results] for m in models}
+        save_figure(cplots.plot_paired_folds(per_fold, title=f"{where}: abnormal-vs-normal AUC per patient fold"),
+                    out / f"folds_{level}.png")
     films = pd.concat([pd.read_csv(out / f"fold{r['fold']}" / "film_predictions.csv") for r in fold_results])
     save_figure(cplots.plot_roc_curves(films["label_id"].to_numpy(), films[list(mias.CLASSES)].to_numpy(), mias.CLASSES),
                 out / "roc_image_level.png")

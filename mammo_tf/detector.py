@@ -66,6 +66,7 @@ CONFIG_FILE = "config.json"
 
 
 SELECT_ON = ("val_loss", "val_mAP")
+AUGMENT_OPS = ("flips_rot90", "left_right")
 
 
 @dataclasses.dataclass
@@ -101,6 +102,7 @@ class DetectorExperiment:
     neg_pos_ratio: float = 3.0
     min_negatives: int = 0
     augment: bool = True
+    augment_ops: str = "flips_rot90"      # flips_rot90 | left_right (mirror images only: still plausible mammograms)
     max_angle: float = 0.0
     crops_per_lesion: int = 1
     n_normal: int | None = None           # crops protocol: normal crops in all (None: one per normal film)
@@ -131,6 +133,8 @@ class DetectorExperiment:
             raise ConfigError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
         if self.crops_per_lesion < 1:
             raise ConfigError(f"crops_per_lesion must be >= 1, got {self.crops_per_lesion}")
+        if self.augment_ops not in AUGMENT_OPS:
+            raise ConfigError(f"augment_ops must be one of {AUGMENT_OPS}, got {self.augment_ops!r}")
         if self.select_on not in SELECT_ON:
             raise ConfigError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if self.select_on == "val_mAP" and self.val_fraction == 0:
@@ -336,6 +340,7 @@ def detection_dataset(
     batch_size: int,
     seed: int = 0,
     augment: bool = True,
+    augment_ops: str = "flips_rot90",
     max_angle: float = 0.0,
     match_iou: float = 0.5,
     variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
@@ -357,7 +362,8 @@ def detection_dataset(
         raise ValueError("no records for a detection dataset")
     targets = ssd_targets_fn(anchor_cfg, match_iou, variances, ignore_iou)
     ds = crop_dataset(records, training=training, batch_size=1, seed=seed, augment_train=augment,
-                      max_angle=max_angle, max_boxes=_max_boxes(records), films=films)
+                      max_angle=max_angle, rot90s=augment_ops == "flips_rot90",
+                      flips_up_down=augment_ops == "flips_rot90", max_boxes=_max_boxes(records), films=films)
 
     def to_targets(x: tf.Tensor, y: dict) -> tuple:
         b, lab = y["boxes"], y["labels"]
@@ -470,7 +476,8 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
         common = dict(batch_size=tcfg.batch_size, match_iou=exp.match_iou, variances=ssd_cfg.variances,
                       channels=ssd_cfg.input_channels, ignore_iou=exp.ignore_iou)
         train_ds = detection_dataset(fold.train, samples.films, anchors, training=True, seed=tcfg.seed + fold.index,
-                                     augment=exp.augment, max_angle=exp.max_angle, **common)
+                                     augment=exp.augment, augment_ops=exp.augment_ops, max_angle=exp.max_angle,
+                                     **common)
         val_ds = (detection_dataset(fold.val, samples.films, anchors, training=False, **common)
                   if len(fold.val) else None)
         trainer_cls = _trainer_class()
@@ -758,7 +765,8 @@ def _augmentation_label(exp: DetectorExperiment) -> str:
     """How the training images were augmented, for the report row."""
     if not exp.augment:
         return "no augmentation"
-    return "flips/rot90" + (f"/rotation up to {exp.max_angle:g} deg" if exp.max_angle > 0 else "")
+    ops = "flips/rot90" if exp.augment_ops == "flips_rot90" else "left-right flips"
+    return ops + (f"/rotation up to {exp.max_angle:g} deg" if exp.max_angle > 0 else "")
 
 
 def _breast_region(samples: Samples, record: Any) -> np.ndarray:

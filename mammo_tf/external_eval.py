@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_tf import photometric
+from mammo_tf.classify import is_trained_fold
 from mammo_tf.config import from_dict, load_config, provenance
 from mammo_tf.data import external
 from mammo_tf.io import load_json, save_figure, save_json
@@ -177,13 +178,13 @@ def model_kind(model_dir: str | Path) -> str:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model folder not found")
-    if (model_dir / "config.yaml").is_file() and (model_dir / "fold0" / "model.keras").is_file():
+    if (model_dir / "config.yaml").is_file() and is_trained_fold(model_dir / "fold0"):
         if "strategy" in load_config(model_dir / "config.yaml"):
             return "classifier"
     if (model_dir / "model.keras").is_file() and (model_dir / "config.json").is_file():
         if "ssd" in load_json(model_dir / "config.json"):
             return "detector"
-    raise ValueError(f"{model_dir}: neither a classifier experiment (config.yaml with 'strategy' + fold0/model.keras) "
+    raise ValueError(f"{model_dir}: neither a classifier experiment (config.yaml with 'strategy' + a trained fold0/) "
                      "nor a detector (model.keras + config.json with 'ssd')")
 
 
@@ -212,9 +213,9 @@ def fold_dirs(model_dir: str | Path) -> list[Path]:
     """The fold folders of a classifier experiment holding both a model and its out-of-fold film predictions."""
     model_dir = Path(model_dir)
     folds = sorted((p for p in model_dir.glob("fold*") if p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
-    ready = [p for p in folds if (p / "model.keras").is_file() and (p / "film_predictions.csv").is_file()]
+    ready = [p for p in folds if is_trained_fold(p) and (p / "film_predictions.csv").is_file()]
     if not ready:
-        raise FileNotFoundError(f"{model_dir}: no fold<k>/ with both model.keras and film_predictions.csv")
+        raise FileNotFoundError(f"{model_dir}: no fold<k>/ with both a trained model and film_predictions.csv")
     return ready
 
 
@@ -304,12 +305,10 @@ class FoldEnsemble:
 
 
 def load_fold_ensemble(folds: Sequence[Path]) -> FoldEnsemble:
-    """Load the fold models (Keras safe mode) as a `FoldEnsemble`."""
-    import keras
+    """Load the fold models (a CNN's in Keras safe mode, or VGG16 probes) as a `FoldEnsemble`."""
+    from mammo_tf.classify import load_fold_model
 
-    import mammo_tf.models  # noqa: F401  (registers the custom layers)
-
-    return FoldEnsemble([keras.saving.load_model(Path(f) / "model.keras", safe_mode=True) for f in folds],
+    return FoldEnsemble([load_fold_model(f) for f in folds],
                         names=[Path(f).name for f in folds])
 
 

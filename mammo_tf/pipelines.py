@@ -196,6 +196,8 @@ def crop_dataset(
     seed: int = 0,
     augment_train: bool = True,
     max_angle: float = 0.0,
+    rot90s: bool = True,
+    flips_up_down: bool = True,
     max_boxes: int = 4,
     cache: bool = True,
     films: FilmCache | None = None,
@@ -203,7 +205,9 @@ def crop_dataset(
     """Batches of (float32 crops (B, S, S, 1), {"boxes": (B, max_boxes, 4) normalised, "labels": (B, max_boxes)}).
 
     Boxes come from `patches.detection_crops` records, normalised by the crop size (model side);
-    padding rows have box zeros and label 0 (background). Augmentation moves boxes with the image.
+    padding rows have box zeros and label 0 (background). Augmentation (random flips, 90-degree
+    rotations unless ``rot90s=False``, up-down flips unless ``flips_up_down=False``, rotations up to
+    ``max_angle``) moves boxes with the image.
     """
     import tensorflow as tf
 
@@ -230,7 +234,8 @@ def crop_dataset(
 
         def aug(xbl, s):
             x, b, l = xbl
-            x2, b2 = augment.tf_augment_with_boxes(x, b, s, max_angle=max_angle)
+            x2, b2 = augment.tf_augment_with_boxes(x, b, s, max_angle=max_angle, rot90s=rot90s,
+                                                   flips_up_down=flips_up_down)
             # Padding rows must stay zero whatever the transform did to them.
             return x2, b2 * tf.cast(l > 0, tf.float32)[:, None], l
 

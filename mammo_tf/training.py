@@ -23,6 +23,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     optimizer: str = "adam"
+    weight_decay: float = 0.0          # decoupled (Keras 3 optimizers' weight_decay); 0: none
     early_stopping: bool = True        # off for tiny validation sets, whose loss is mostly noise
     early_stopping_patience: int = 8
     strategy: str = "default"          # default | mirrored | multi_worker (reads $TF_CONFIG)
@@ -33,10 +34,11 @@ class TrainConfig:
 
 def schedule_label(cfg: TrainConfig, monitor: str = "val loss") -> str:
     """How long a model trained and which epoch was kept, for report rows."""
+    decay = f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay > 0 else ""
     if cfg.early_stopping:
         # Keras' EarlyStopping here restores the best epoch's weights (restore_best_weights=True).
-        return f"best {monitor} of max {cfg.epochs} epochs, patience {cfg.early_stopping_patience}"
-    return f"{cfg.epochs} epochs"
+        return f"best {monitor} of max {cfg.epochs} epochs, patience {cfg.early_stopping_patience}{decay}"
+    return f"{cfg.epochs} epochs{decay}"
 
 
 def set_seeds(seed: int) -> None:
@@ -74,6 +76,10 @@ def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
     if cfg.optimizer not in optimizers:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected one of {sorted(optimizers)})")
     kwargs = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
+    if cfg.weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.weight_decay > 0:
+        kwargs["weight_decay"] = cfg.weight_decay
     return optimizers[cfg.optimizer](learning_rate=cfg.learning_rate, **kwargs)
 
 

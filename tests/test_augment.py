@@ -124,12 +124,16 @@ def test_tf_rotate_matches_cv2():
     np.testing.assert_allclose(ours[8:-8, 8:-8], ref[8:-8, 8:-8], atol=1e-3)  # away from the reflected border
 
 
+def _one_box_image() -> tuple[np.ndarray, np.ndarray]:
+    """A 48x48 (H, W, 1) float image, bright inside one box (pixel corners)."""
+    box = np.array([[4.0, 10.0, 20.0, 30.0]])
+    return box, _box_image(box[0], (48, 48)).astype(np.float32)[..., None] / 255.0
+
+
 def test_tf_augment_with_boxes_moves_boxes_with_pixels():
     import tensorflow as tf
 
-    shape = (48, 48)
-    box = np.array([[4.0, 10.0, 20.0, 30.0]])
-    image = _box_image(box[0], shape).astype(np.float32)[..., None] / 255.0
+    box, image = _one_box_image()
     seen = set()
     for s in range(12):
         out, boxes = A.tf_augment_with_boxes(tf.constant(image), box, tf.constant([s, 7], tf.int64))
@@ -141,6 +145,20 @@ def test_tf_augment_with_boxes_moves_boxes_with_pixels():
     a = A.tf_augment(tf.constant(image), tf.constant([3, 1], tf.int64), max_angle=20.0).numpy()
     b = A.tf_augment(tf.constant(image), tf.constant([3, 1], tf.int64), max_angle=20.0).numpy()
     assert np.array_equal(a, b) and a.shape == image.shape
+
+
+def test_left_right_flips_only_mirror_the_image_and_its_box():
+    import tensorflow as tf
+
+    box, image = _one_box_image()
+    seen = set()
+    for s in range(12):
+        out, boxes = A.tf_augment_with_boxes(tf.constant(image), box, tf.constant([s, 7], tf.int64), rot90s=False,
+                                             flips_up_down=False)
+        assert _bbox(out.numpy()[..., 0] > 0.5) == boxes.numpy()[0].tolist()
+        seen.add(tuple(boxes.numpy()[0]))
+    # The box keeps its rows; only its columns are mirrored (48 - 30 = 18, 48 - 10 = 38).
+    assert seen == {(4.0, 10.0, 20.0, 30.0), (4.0, 18.0, 20.0, 38.0)}
 
 
 def test_augmentation_layers():

@@ -113,6 +113,6 @@ def test_paired_rows_are_fold_by_fold_differences_against_the_logistic_baseline(
     rows = [r for r in classify._rows(_summary(), exp, prov, folds) if r["table"] == classify.PAIRED_TABLE]
     assert len(rows) == 1 and rows[0]["row"].endswith("grid_keep test patches")  # no film-level folds given
     v = rows[0]["values"]
-    assert v["folds CNN ahead (abnormal AUC)"] == "1/2"
+    assert v["folds model ahead (abnormal AUC)"] == "1/2"
     assert v["Δ abnormal AUC"][0] == pytest.approx(0.0) and v["Δ abnormal AUC"][1] == pytest.approx(0.02 ** 0.5)  # differences +0.1 and -0.1
     assert v["Δ balanced acc"][0] == pytest.approx(-0.05)

@@ -37,6 +37,10 @@ def test_small_config_loads_and_bad_keys_fail(tmp_path):
         D.DetectorExperiment(image_size=300, ssd={"image_size": 512})
     with pytest.raises(ConfigError, match="bad ssd config"):
         D.DetectorExperiment(ssd={"backbone": "resnet"})
+    with pytest.raises(ConfigError, match="augment_ops"):
+        D.DetectorExperiment(augment_ops="elastic")
+    assert D._augmentation_label(D.DetectorExperiment(augment_ops="left_right")) == "left-right flips"
+    assert D._augmentation_label(D.DetectorExperiment(augment=False, augment_ops="left_right")) == "no augmentation"
 
 
 def test_folds_are_patient_disjoint(annotations):

@@ -61,3 +61,20 @@ def test_runs_with_different_configs_never_share_a_folder(tmp_path):
     with pytest.raises(ConfigError, match="different configuration"):
         classify.run_experiment(exp, out)
     assert from_dict(classify.ClassifierExperiment, load_config(out / "config.yaml")).size == 256
+
+
+def test_atomic_writes_leave_nothing_behind_on_failure_and_get_a_normal_file_mode(tmp_path):
+    import os
+
+    from mammo_tf.io import atomic_path, atomic_write_text
+
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    reference = tmp_path / "plain.txt"
+    reference.write_text("x")  # created the ordinary way: mode 0666 minus the umask
+    assert os.stat(target).st_mode & 0o777 == os.stat(reference).st_mode & 0o777

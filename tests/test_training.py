@@ -133,3 +133,12 @@ def test_schedule_label_says_which_epoch_was_kept():
     assert training.schedule_label(training.TrainConfig(epochs=60, early_stopping=False)) == "60 epochs"
     assert (training.schedule_label(training.TrainConfig(epochs=60, early_stopping_patience=10))
             == "best val loss of max 60 epochs, patience 10")
+    assert training.schedule_label(training.TrainConfig(epochs=60, early_stopping=False, weight_decay=0.05)) == (
+        "60 epochs, weight decay 0.05")
+
+
+def test_weight_decay_reaches_the_optimizer_and_must_not_be_negative():
+    assert training.make_optimizer(training.TrainConfig(weight_decay=0.05)).weight_decay == pytest.approx(0.05)
+    assert training.make_optimizer(training.TrainConfig()).weight_decay is None
+    with pytest.raises(ValueError, match="weight_decay"):
+        training.make_optimizer(training.TrainConfig(weight_decay=-1.0))

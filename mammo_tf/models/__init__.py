@@ -1,4 +1,4 @@
-"""Networks: the small classifier, SSD backbones and the SSD detector.
+"""Networks: the small classifier, SSD backbones, the SSD detector and the VGG16 linear probe (``probe``).
 
 Importing this package registers the custom layer (:class:`L2Normalization`) so that saved
 models load with ``keras.saving.load_model(path, safe_mode=True)``.

@@ -127,3 +127,27 @@ def plot_heatmaps(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], tit
     if mappable is not None:
         fig.colorbar(mappable, ax=list(axes), shrink=0.6, label="abnormality 1 - p(normal)")
     return fig
+
+
+def plot_paired_folds(scores: Mapping[str, Sequence[float]], title: str | None = None,
+                      metric: str = "abnormal-vs-normal AUC", chance: float | None = 0.5) -> Figure:
+    """Per-fold scores of several models on the same folds: one column per model, one line per fold."""
+    names = list(scores)
+    values = np.array([np.asarray(scores[n], dtype=float) for n in names])
+    if values.ndim != 2 or values.shape[0] < 1:
+        raise ValueError("scores must give every model the same number of folds")
+    fig = Figure(figsize=(1.8 + 1.6 * len(names), 4.5))
+    ax = fig.subplots()
+    xs = np.arange(len(names))
+    for k in range(values.shape[1]):
+        ax.plot(xs, values[:, k], color="0.6", lw=1, marker="o", ms=5, label="one patient fold" if k == 0 else None)
+    ax.errorbar(xs + 0.12, np.nanmean(values, axis=1), yerr=np.nanstd(values, axis=1), fmt="s", color="black",
+                capsize=4, label="mean ± std")
+    if chance is not None:
+        ax.axhline(chance, color="tab:red", ls=":", lw=1, label="chance")
+    ax.set_xticks(xs, [n.replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title or f"{metric} per patient fold")
+    fig.tight_layout()
+    return fig
