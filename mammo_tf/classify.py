@@ -47,6 +47,7 @@ from mammo_tf.metrics import classification as cm
 MODEL_KEYS = {"cnn": "cnn", "vgg16_probe": "probe"}
 PATCH_KEY = ["refnum", "top", "left", "size"]
 SHORT_NAMES = {"cnn": "small CNN", "probe": "VGG16 probe, patches", "probe_film": "VGG16 probe, film features",
+               "probe_intensity": "VGG16 probe + intensity",
                "logistic": "logistic, intensity", "majority": "majority class"}
 METRIC_KEYS = {"accuracy": "accuracy", "balanced acc": "balanced_accuracy", "macro AUC": "macro_roc_auc",
                "abnormal AUC": "abnormal_vs_normal_auc"}
@@ -340,6 +341,27 @@ def _fit_probe(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.D
         "trained_here": True, "probe": {"C": chosen, "validation_abnormal_auc": {str(c): a for c, a in aucs.items()}}}
 
 
+def _fit_combined_probe(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.DataFrame,
+                        x_train_intensity: np.ndarray, bank: FeatureBank, films: patches.FilmCache) -> tuple[Any, dict]:
+    """The probe's features and the intensity baseline's, side by side in one logistic regression; C on validation.
+
+    Asks whether the frozen VGG16 adds anything to what eight intensity statistics already carry.
+    """
+    from mammo_tf.models import probe
+
+    cfg = probe.ProbeConfig.from_dict(exp.probe)
+
+    def both(frame: pd.DataFrame, intensity: np.ndarray | None = None) -> np.ndarray:
+        if intensity is None:
+            intensity = baselines.intensity_features(_patch_pixels(frame, films))
+        return np.hstack([bank(frame), intensity])
+
+    model, aucs = probe.fit_probe(both(train, x_train_intensity), train["label_id"].to_numpy(), both(val),
+                                  val["label_id"].to_numpy(), cfg.c_grid, seed=exp.seed + k)
+    return (lambda frame: probe.full_proba(model, both(frame))), {
+        "C": float(model.named_steps["logisticregression"].C), "validation_abnormal_auc": {str(c): a for c, a in aucs.items()}}
+
+
 def _fit_film_probe(exp: ClassifierExperiment, k: int, bank: FeatureBank, whole: pd.DataFrame,
                     film_labels: pd.Series, tr_pat: list, va_pat: list, test_films: list[str]) -> tuple[np.ndarray, dict]:
     """A film-level model on film labels: logistic regression on each film's pooled patch features."""
@@ -381,6 +403,9 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     # Does the model fit its own training set? (Evaluated without augmentation.)
     result["train_own"] = _report(train["label_id"].to_numpy(), predict(train))
     x_train = baselines.intensity_features(_patch_pixels(train, films))
+    combined = None
+    if bank is not None:
+        combined, result["probe_intensity"] = _fit_combined_probe(exp, k, train, val, x_train, bank, films)
     for name, frame in (("own", test), ("grid", pipelines.split_records(records["grid"], tr_pat, test_pat)[1])):
         frame = frame[frame["label_id"] >= 0]
         y = frame["label_id"].to_numpy()
@@ -390,6 +415,8 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
             "logistic": _report(y, baselines.logistic_proba(
                 x_train, train["label_id"].to_numpy(), baselines.intensity_features(_patch_pixels(frame, films)))),
         }
+        if combined is not None:
+            result[f"patch_{name}"]["probe_intensity"] = _report(y, combined(frame))
     # Whole mammogram: every grid patch over the breast, labelled or not.
     whole = records["whole"]
     test_whole = whole[whole["patient_id"].isin(test_pat)]
@@ -412,6 +439,9 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
             _film_features(list(scores.index), films))),
     }
     extra = {}
+    if combined is not None:
+        result["image"]["probe_intensity"] = _report(
+            y_film, film_scores(test_whole, combined(test_whole))[list(mias.CLASSES)].to_numpy())
     if bank is not None and exp.strategy == "grid_keep":
         # The film-level probe sees only the film's grid_keep patches, whatever the patch strategy: the
         # grid_keep experiment of each size reports it (other strategies would repeat the same numbers).
@@ -480,6 +510,12 @@ def _cnn_recipe(exp: ClassifierExperiment) -> str:
         "flips/rot90" if exp.augment else "no augmentation")
 
 
+def combined_probe_label(exp: ClassifierExperiment) -> str:
+    """How report rows name the logistic regression on the probe's and the intensity baseline's features together."""
+    return (f"VGG16 probe + intensity features, logistic regression fitted on {exp.strategy} {exp.size} "
+            "(C chosen on validation patients)")
+
+
 def film_probe_label(exp: ClassifierExperiment) -> str:
     """How report rows name the film-level probe of a probe experiment."""
     return (f"VGG16 features of the film's {exp.size} px patches pooled (mean, max) + logistic regression "
@@ -509,12 +545,14 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
 
     rows = []
     for level, title, note in tables:
-        for model in (key, "majority", "logistic"):
+        combined = ("probe_intensity",) if f"{level}.probe_intensity.macro_roc_auc" in summary else ()
+        for model in (key, "majority", "logistic") + combined:
             # Patch-level baselines are fitted on each experiment's own training patches; film-level ones
             # on the films, the same for every experiment.
             suffix = fitted_on if level != "image" else ""
             row = {key: label, "majority": "majority class" + suffix,
-                   "logistic": "logistic regression, intensity features" + suffix}[model]
+                   "logistic": "logistic regression, intensity features" + suffix,
+                   "probe_intensity": combined_probe_label(exp)}[model]
             values = {col: values_of(level, model).get(col, float("nan")) for col in METRIC_KEYS}
             if model == key and level != "image" and fit:
                 # Does the model fit its own (unaugmented) training patches? Underfitting shows here.
@@ -564,7 +602,9 @@ def _paired_rows(exp: ClassifierExperiment, label: str, folds: list[dict], commo
     rows = []
     for level, model, row in (("patch_grid", key, f"{label}, grid_keep test patches"),
                               ("image", key, f"{label}, whole mammogram, max rule"),
-                              ("image", "probe_film", f"{film_probe_label(exp)}, whole mammogram")):
+                              ("image", "probe_film", f"{film_probe_label(exp)}, whole mammogram"),
+                              ("patch_grid", "probe_intensity", f"{combined_probe_label(exp)}, grid_keep test patches"),
+                              ("image", "probe_intensity", f"{combined_probe_label(exp)}, whole mammogram, max rule")):
         pairs = [f[level] for f in folds if level in f and model in f[level] and "logistic" in f[level]]
         if not pairs:
             continue
@@ -659,7 +699,7 @@ def _figures(out: Path, fold_results: list[dict], cplots: Any, model: str = "cnn
         total = np.sum([r[level][model]["confusion_matrix"] for r in fold_results], axis=0)
         save_figure(cplots.plot_confusion_matrix(total, mias.CLASSES), out / f"confusion_{level}.png")
     for level, where in (("patch_grid", "grid_keep test patches"), ("image", "whole mammogram")):
-        models = [m for m in (model, "probe_film", "logistic", "majority") if m in fold_results[0][level]]
+        models = [m for m in (model, "probe_intensity", "probe_film", "logistic", "majority") if m in fold_results[0][level]]
         per_fold = {SHORT_NAMES[m]: [r[level][m]["abnormal_vs_normal_auc"] for r in fold_results] for m in models}
         save_figure(cplots.plot_paired_folds(per_fold, title=f"{where}: abnormal-vs-normal AUC per patient fold"),
                     out / f"folds_{level}.png")

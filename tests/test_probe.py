@@ -96,6 +96,11 @@ def test_probe_experiment_on_real_films_reports_beside_the_baselines(tiny_probe_
     assert ("Classification, whole mammogram (max over breast patches)",
             classify.film_probe_label(classify.ClassifierExperiment(**TINY_PROBE))) in rows
     assert not any(r["table"] == "Classifier network size (parameters)" for r in metrics["results"])
+    # The probe's and the intensity features together, beside both, at patch and film level.
+    combined = classify.combined_probe_label(classify.ClassifierExperiment(**TINY_PROBE))
+    assert {("Classification, patch level (128 px, grid_keep test patches)", combined),
+            ("Classification, whole mammogram (max over breast patches)", combined)} <= rows
+    assert fold["probe_intensity"]["C"] in (0.01, 1.0)
     films = pd.read_csv(tmp_path / "fold0" / "film_predictions.csv")
     assert films["score_probe_film"].between(0, 1).all() and len(films) == fold["image"]["probe"]["n"]
     assert (tmp_path / "roc_image_level.png").is_file() and not (tmp_path / "training_curves.png").exists()
