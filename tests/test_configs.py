@@ -47,3 +47,13 @@ def test_every_committed_training_config_is_in_the_full_setting():
     assert trained, "no committed training run found"
     missing = {name: path for name, path in trained.items() if path not in listed}
     assert not missing, f"committed runs whose config configs/full.yaml does not list: {missing}"
+
+
+def test_every_committed_classifier_run_has_its_fold_models():
+    """A classifier experiment in models/ carries each fold's model (a CNN's .keras, a probe's coefficients)."""
+    for path in _full()["classifier"]:
+        exp = from_dict(classify.ClassifierExperiment, load_config(ROOT / path))
+        run = ROOT / "models" / exp.name
+        n_folds = min(exp.folds, exp.max_folds or exp.folds)
+        missing = [k for k in range(n_folds) if not classify.is_trained_fold(run / f"fold{k}")]
+        assert not missing, f"{run.name}: folds {missing} have no model in git"

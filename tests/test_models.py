@@ -257,6 +257,21 @@ def test_freeze_through_keeps_the_trunk_and_trains_the_rest(tmp_path):
         ssd.build_ssd(ssd.SSDConfig(image_size=96, backbone="cnn", freeze_through="conv99"))
 
 
+def test_fc6_input_norm_gives_fc6_unit_scaled_input_trains_under_a_frozen_trunk_and_reloads(tmp_path):
+    cfg = ssd.SSDConfig(image_size=96, backbone="vgg16", weights="hed", freeze_through="block5_conv3",
+                        fc6_input_norm=True)
+    model, _ = ssd.build_ssd(cfg)
+    assert model.get_layer("pool5_norm").trainable and not model.get_layer("block5_conv3").trainable
+    x = tf.random.uniform((2, 96, 96, 1), seed=3)
+    pool5 = keras.Model(model.input, model.get_layer("pool5_norm").output)(x).numpy()
+    # Every position's 512-vector has the learnt scale's norm (initialised to l2norm_init = 20).
+    np.testing.assert_allclose(np.linalg.norm(pool5, axis=-1), 20.0, rtol=1e-3)
+    model.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(ssd.load_ssd(tmp_path / "m.keras")(x)["cls_logits"], model(x)["cls_logits"], atol=1e-5)
+    with pytest.raises(ValueError, match="vgg16 backbone only"):
+        ssd.SSDConfig(backbone="cnn", fc6_input_norm=True)
+
+
 # ---------------------------------------------------------------- VGG weights
 
 

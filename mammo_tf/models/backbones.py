@@ -105,9 +105,13 @@ def input_normalisation(x: keras.KerasTensor, channels: int, input_norm: str) ->
 
 
 def vgg16_features(
-    inputs: keras.KerasTensor, input_norm: str = "unit", l2norm_init: float = 20.0
+    inputs: keras.KerasTensor, input_norm: str = "unit", l2norm_init: float = 20.0, fc6_input_norm: bool = False
 ) -> list[keras.KerasTensor]:
-    """SSD's reduced VGG16 on ``inputs`` ([0, 1] images); returns [conv4_3 L2-normalised, fc7]."""
+    """SSD's reduced VGG16 on ``inputs`` ([0, 1] images); returns [conv4_3 L2-normalised, fc7].
+
+    ``fc6_input_norm``: L2-normalise pool5 with a learnt scale (as conv4_3) before fc6, for a
+    pretrained trunk under a random fc6: its conv5_3 activations run to the hundreds.
+    """
     channels = int(inputs.shape[-1])
     x = input_normalisation(inputs, channels, input_norm)
     conv4_3 = None
@@ -122,6 +126,8 @@ def vgg16_features(
         if b == 3:
             conv4_3 = x
     x = keras.layers.MaxPooling2D(3, 1, padding="same", name="block5_pool")(x)
+    if fc6_input_norm:
+        x = L2Normalization(l2norm_init, name="pool5_norm")(x)
     x = keras.layers.Conv2D(1024, 3, dilation_rate=6, padding="same", activation="relu", name="fc6")(x)
     fc7 = keras.layers.Conv2D(1024, 1, padding="same", activation="relu", name="fc7")(x)
     conv4_3_norm = L2Normalization(l2norm_init, name="conv4_3_norm")(conv4_3)

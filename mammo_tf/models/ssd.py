@@ -75,6 +75,7 @@ class SSDConfig:
     ``scales`` (one per map plus one) override ``s_min``/``s_max``/``first_scale``.
     ``freeze_through``: the last backbone layer kept frozen (e.g. ``"block5_conv3"``): that layer
     and every layer it depends on keep their loaded weights during training; ``None`` trains all.
+    ``fc6_input_norm`` (vgg16): L2-normalise pool5 with a learnt scale before the random fc6.
     """
 
     image_size: int = 300
@@ -94,6 +95,7 @@ class SSDConfig:
     clip_anchors: bool = True
     variances: tuple[float, float, float, float] = bx.VARIANCES
     freeze_through: str | None = None
+    fc6_input_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -117,6 +119,8 @@ class SSDConfig:
         if len(self.variances) != 4:
             raise ValueError(f"variances needs 4 values, got {self.variances}")
         backbones.resolve_input_norm(self.input_norm, "random")  # validates the name
+        if self.fc6_input_norm and self.backbone != "vgg16":
+            raise ValueError("fc6_input_norm applies to the vgg16 backbone only")
 
     def classifier_config(self) -> clf.ClassifierConfig:
         """The cnn backbone's classifier configuration (input size set to the SSD's)."""
@@ -229,7 +233,7 @@ def build_ssd(cfg: SSDConfig | None = None) -> tuple[keras.Model, anc.AnchorConf
     if cfg.backbone == "vgg16":
         weights_key = cfg.weights if cfg.weights in backbones.WEIGHT_CHOICES else "path"
         norm = backbones.resolve_input_norm(cfg.input_norm, weights_key)
-        features = backbones.vgg16_features(inputs, norm, cfg.l2norm_init)
+        features = backbones.vgg16_features(inputs, norm, cfg.l2norm_init, cfg.fc6_input_norm)
     else:
         if cfg.input_norm not in ("auto", "unit"):
             # The classifier was trained on [0, 1] input; only identity-like normalisation fits it.
