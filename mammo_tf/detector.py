@@ -795,6 +795,8 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
     if cfg.freeze_through:
         init += f", frozen to {cfg.freeze_through}"
+    if cfg.fc6_input_norm:
+        init += ", pool5 L2-normalised"
     crops = f", {exp.crops_per_lesion} crops per lesion" if exp.protocol == "crops" and exp.crops_per_lesion > 1 else ""
     name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule_label(exp.train_config(), exp.select_on.replace('_', ' '))}, {_augmentation_label(exp)}{crops})"
             + (" [LEAKY split]" if exp.naive_split else ""))
