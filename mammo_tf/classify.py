@@ -327,6 +327,12 @@ def _fit_cnn(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.Dat
         "trained_here": trained_here, "epochs_run": int(len(history))}
 
 
+def _probe_choice(model: Any, aucs: dict[float, float]) -> dict:
+    """What a fitted probe records: its chosen C and the validation AUC of every candidate."""
+    return {"C": float(model.named_steps["logisticregression"].C),
+            "validation_abnormal_auc": {str(c): a for c, a in aucs.items()}}
+
+
 def _fit_probe(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.DataFrame, bank: FeatureBank,
                fold_dir: Path) -> tuple[Any, dict]:
     """Fit the logistic regression on the frozen VGG16 features of the fold's training patches; C on validation."""
@@ -336,9 +342,7 @@ def _fit_probe(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.D
     model, aucs = probe.fit_probe(bank(train), train["label_id"].to_numpy(), bank(val), val["label_id"].to_numpy(),
                                   cfg.c_grid, seed=exp.seed + k)
     probe.save_probe(model, fold_dir / "probe.npz")
-    chosen = float(model.named_steps["logisticregression"].C)
-    return (lambda frame: probe.full_proba(model, bank(frame))), {
-        "trained_here": True, "probe": {"C": chosen, "validation_abnormal_auc": {str(c): a for c, a in aucs.items()}}}
+    return (lambda frame: probe.full_proba(model, bank(frame))), {"trained_here": True, "probe": _probe_choice(model, aucs)}
 
 
 def _fit_combined_probe(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.DataFrame,
@@ -358,8 +362,7 @@ def _fit_combined_probe(exp: ClassifierExperiment, k: int, train: pd.DataFrame, 
 
     model, aucs = probe.fit_probe(both(train, x_train_intensity), train["label_id"].to_numpy(), both(val),
                                   val["label_id"].to_numpy(), cfg.c_grid, seed=exp.seed + k)
-    return (lambda frame: probe.full_proba(model, both(frame))), {
-        "C": float(model.named_steps["logisticregression"].C), "validation_abnormal_auc": {str(c): a for c, a in aucs.items()}}
+    return (lambda frame: probe.full_proba(model, both(frame))), _probe_choice(model, aucs)
 
 
 def _fit_film_probe(exp: ClassifierExperiment, k: int, bank: FeatureBank, whole: pd.DataFrame,
@@ -373,8 +376,7 @@ def _fit_film_probe(exp: ClassifierExperiment, k: int, bank: FeatureBank, whole:
     va = sorted(whole[whole["patient_id"].isin(va_pat)]["refnum"].unique())
     model, aucs = probe.fit_probe(feats.loc[tr].to_numpy(), film_labels.loc[tr].to_numpy(),
                                   feats.loc[va].to_numpy(), film_labels.loc[va].to_numpy(), cfg.c_grid, seed=exp.seed + k)
-    return probe.full_proba(model, feats.loc[test_films].to_numpy()), {
-        "C": float(model.named_steps["logisticregression"].C), "validation_abnormal_auc": {str(c): a for c, a in aucs.items()}}
+    return probe.full_proba(model, feats.loc[test_films].to_numpy()), _probe_choice(model, aucs)
 
 
 def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict[str, pd.DataFrame],
