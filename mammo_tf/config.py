@@ -65,15 +65,19 @@ def merge(base: dict, override: dict | None) -> dict:
 
 def provenance(command: str | None = None) -> dict:
     """Who ran what where: command, date, hardware, library versions (stored with every result)."""
-    import tensorflow as tf
+    import keras
 
-    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    try:
-        import keras
+    versions = {"python": platform.python_version(), "keras": keras.__version__, "backend": keras.backend.backend()}
+    if keras.backend.backend() == "jax":
+        import jax
 
-        keras_version = keras.__version__
-    except Exception:  # pragma: no cover
-        keras_version = "?"
+        gpus = [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices() if d.platform == "gpu"]
+        versions["jax"] = jax.__version__
+    else:
+        import tensorflow as tf
+
+        gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+        versions["tensorflow"] = tf.__version__
     return {
         "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -83,7 +87,7 @@ def provenance(command: str | None = None) -> dict:
             "gpus": gpus or "none",
             "platform": platform.platform(),
         },
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras_version},
+        "versions": versions,
     }
 
 

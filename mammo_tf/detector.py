@@ -29,7 +29,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -383,7 +383,6 @@ def detection_dataset(
 def _trainer_class() -> type:
     """The Keras model that trains an SSD with MultiBoxLoss on dict targets (built lazily: imports Keras)."""
     import keras
-    import tensorflow as tf
 
     class SSDTrainer(keras.Model):
         """Wraps the functional SSD; ``compute_loss`` hands the dict targets and outputs to MultiBoxLoss.
@@ -414,9 +413,20 @@ def _trainer_class() -> type:
                 total = total + keras.ops.sum([keras.ops.cast(v, "float32") for v in self.losses])
             # Under tf.distribute Keras sums the replicas' gradients (and un-scales its loss tracker),
             # so each replica returns its share, as Keras' own losses do.
-            return total / tf.distribute.get_strategy().num_replicas_in_sync
+            return total / _replicas_in_sync()
 
     return SSDTrainer
+
+
+def _replicas_in_sync() -> int:
+    """Replicas of the current tf.distribute strategy (1 on a backend without one)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def anchor_config(ssd_cfg: Any) -> Any:
@@ -665,10 +675,34 @@ def _hardware(prov: dict) -> str:
     return f"{hw['cpu']} ({hw['cpu_count']} cores), GPU: {gpus}"
 
 
+def saved_model_detections(exp: DetectorExperiment, samples: Samples, out_dir: str | Path) -> Callable[[Fold], dict]:
+    """``fold -> {"test": detections, "train": detections}`` (normalised boxes, record order) of each fold's saved model."""
+
+    def detections(fold: Fold) -> dict[str, list[dict]]:
+        fold_dir = Path(out_dir) / "folds" / f"fold{fold.index}"
+        model, _, anchors = load_detector(fold_dir)
+        seen = set(load_json(fold_dir / CONFIG_FILE).get("train_refnums", [])) & set(fold.test["refnum"])
+        if seen and not fold.leaky:
+            raise ConfigError(f"{fold_dir}: this model trained on {len(seen)} of the fold's test films "
+                              f"(e.g. {sorted(seen)[:3]}): it was trained with other folds; retrain it")
+        batch, channels = exp.train_config().batch_size, exp.ssd_config().input_channels
+        # The training set too: does the model fit it? (No augmentation; a fit check, not a result.)
+        return {split: predict_batches(model, image_dataset(records, samples.films, batch, channels), anchors, exp)
+                for split, records in (("test", fold.test), ("train", fold.train))}
+
+    return detections
+
+
 def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: str | None = None,
                         samples: Samples | None = None, annotations: pd.DataFrame | None = None,
-                        training_info: dict | None = None) -> dict:
-    """Evaluate every fold's saved model on its test set, beside the oracle and chance references; write metrics and figures."""
+                        training_info: dict | None = None,
+                        detections: Callable[[Fold], dict] | None = None, trained_by: dict | None = None) -> dict:
+    """Evaluate every fold's model on its test set, beside the oracle and chance references; write metrics and figures.
+
+    ``detections``: where each fold's detections come from (default: its saved model, see
+    :func:`saved_model_detections`); ``trained_by``: the provenance of a training run made
+    elsewhere (e.g. on a GPU machine, :mod:`mammo_tf.detector_arrays`).
+    """
     from mammo_tf.baselines import oracle_boxes_random_class, random_boxes_random_class
     from mammo_tf.metrics.classification import summarise_folds
     from mammo_tf.plots import detection as dplots
@@ -677,18 +711,13 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     ann = annotations if annotations is not None else mias.load_annotations(exp.data)
     samples = samples or make_samples(exp, ann)
     folds = make_folds(exp, samples)
-    batch = exp.train_config().batch_size
+    detections = detections or saved_model_detections(exp, samples, out)
     fold_rows, model_metrics, base_metrics, random_metrics = [], [], [], []
     pooled_gt, pooled_det, pooled_random, examples = [], [], [], []
     for fold in folds:
         fold_dir = out / "folds" / f"fold{fold.index}"
-        model, _, anchors = load_detector(fold_dir)
-        seen = set(load_json(fold_dir / CONFIG_FILE).get("train_refnums", [])) & set(fold.test["refnum"])
-        if seen and not fold.leaky:
-            raise ConfigError(f"{fold_dir}: this model trained on {len(seen)} of the fold's test films "
-                              f"(e.g. {sorted(seen)[:3]}): it was trained with other folds; retrain it")
-        images = image_dataset(fold.test, samples.films, batch, exp.ssd_config().input_channels)
-        dets = _to_eval_pixels(exp, samples, fold.test, predict_batches(model, images, anchors, exp))
+        found = detections(fold)
+        dets = _to_eval_pixels(exp, samples, fold.test, found["test"])
         gts = _ground_truth(exp, fold.test, samples.annotations)
         flat, ev, fr = detection_metrics(gts, dets, exp.iou_threshold)
         base, _, _ = detection_metrics(gts, oracle_boxes_random_class(gts, seed=exp.seed + fold.index), exp.iou_threshold)
@@ -697,9 +726,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                                             seed=exp.seed + fold.index)
         guesses = _to_eval_pixels(exp, samples, fold.test, guesses)
         chance, _, _ = detection_metrics(gts, guesses, exp.iou_threshold)
-        # Does the model fit its own training set? (No augmentation; a fit check, not a result.)
-        train_images = image_dataset(fold.train, samples.films, batch, exp.ssd_config().input_channels)
-        train_dets = _to_eval_pixels(exp, samples, fold.train, predict_batches(model, train_images, anchors, exp))
+        train_dets = _to_eval_pixels(exp, samples, fold.train, found["train"])
         flat["train_mAP"] = detection_metrics(_ground_truth(exp, fold.train, samples.annotations), train_dets,
                                               exp.iou_threshold)[0]["map"]
         model_metrics.append(flat)
@@ -742,7 +769,9 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         save_figure(dplots.draw_detection_grid(examples), out / "images" / "detections.png")
 
     prov = provenance(command)
-    if not training_info:  # nothing trained in this call: a re-evaluation
+    if trained_by:
+        prov["trained_by"] = trained_by
+    elif not training_info:  # nothing trained in this call: a re-evaluation
         keep_training_provenance(prov, out / "metrics.json")
     metrics = {
         "experiment": exp.to_dict(),
@@ -791,8 +820,15 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     protocol = CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE
     table = ("Detection (mini-MIAS, crops around lesions: location given)" if exp.protocol == "crops"
              else "Detection (mini-MIAS, whole films: no prior location)")
-    common = {"table": table, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
+    hardware = _hardware(prov)
+    trained = prov.get("trained_by", {}).get("hardware")
+    if trained and _hardware({"hardware": trained}) != hardware:  # trained on another machine (a GPU)
+        hardware = f"trained on {_hardware({'hardware': trained})}; evaluated on {hardware}"
+    common = {"table": table, "command": prov["command"], "hardware": hardware, "date": prov["date"]}
     init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
+    carried = prov.get("trained_by", {}).get("init_weights")
+    if carried and carried != cfg.weights:  # trained elsewhere from a copy (detector_arrays)
+        init += f" via {Path(carried).name}"
     if cfg.freeze_through:
         init += f", frozen to {cfg.freeze_through}"
     if cfg.fc6_input_norm:

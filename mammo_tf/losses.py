@@ -21,10 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
+
+# Written in keras.ops (no TensorFlow call), so that the loss trains on any Keras backend (JAX on
+# a GPU machine without TensorFlow, see mammo_tf.detector_arrays).
+Tensor = Any
 
 
-def _unpack(y_true: Any, y_pred: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+def _unpack(y_true: Any, y_pred: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(cls targets int32, loc targets, class logits, box offsets) from the two dicts."""
     if not isinstance(y_true, dict) or not {"cls", "loc"} <= set(y_true):
         raise ValueError(f"y_true must be a dict with keys 'cls' and 'loc', got {type(y_true).__name__}")
@@ -32,10 +36,10 @@ def _unpack(y_true: Any, y_pred: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, 
         raise ValueError(
             f"y_pred must be a dict with keys 'cls_logits' and 'box_offsets', got {type(y_pred).__name__}"
         )
-    cls_t = tf.cast(tf.convert_to_tensor(y_true["cls"]), tf.int32)
-    loc_t = tf.cast(tf.convert_to_tensor(y_true["loc"]), tf.float32)
-    logits = tf.cast(tf.convert_to_tensor(y_pred["cls_logits"]), tf.float32)
-    offsets = tf.cast(tf.convert_to_tensor(y_pred["box_offsets"]), tf.float32)
+    cls_t = ops.cast(y_true["cls"], "int32")
+    loc_t = ops.cast(y_true["loc"], "float32")
+    logits = ops.cast(y_pred["cls_logits"], "float32")
+    offsets = ops.cast(y_pred["box_offsets"], "float32")
     return cls_t, loc_t, logits, offsets
 
 
@@ -70,42 +74,46 @@ class MultiBoxLoss(keras.losses.Loss):
         self.min_negatives = int(min_negatives)
         self.delta = float(delta)
 
-    def per_image(self, y_true: Any, y_pred: Any) -> dict[str, tf.Tensor]:
+    def per_image(self, y_true: Any, y_pred: Any) -> dict[str, Tensor]:
         """Un-normalised per-image sums: ``cls``, ``loc`` (B,), and ``num_pos``, ``num_neg`` (B,)."""
         cls_t, loc_t, logits, offsets = _unpack(y_true, y_pred)
-        positive = cls_t > 0
-        negative = tf.equal(cls_t, 0)
-        pos_f = tf.cast(positive, tf.float32)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.maximum(cls_t, 0), logits=logits)
+        positive = ops.greater(cls_t, 0)
+        negative = ops.equal(cls_t, 0)
+        pos_f = ops.cast(positive, "float32")
+        ce = ops.sparse_categorical_crossentropy(ops.maximum(cls_t, 0), logits, from_logits=True)
 
-        num_pos = tf.reduce_sum(tf.cast(positive, tf.int32), axis=-1)  # (B,)
-        num_neg_avail = tf.reduce_sum(tf.cast(negative, tf.int32), axis=-1)
-        wanted = tf.cast(tf.math.floor(self.neg_pos_ratio * tf.cast(num_pos, tf.float32)), tf.int32)
-        num_neg = tf.minimum(tf.maximum(wanted, self.min_negatives), num_neg_avail)
-        # Rank the negatives by their background loss (positives and ignored boxes go last).
-        mining_score = tf.where(negative, tf.stop_gradient(ce), -1.0)
-        order = tf.argsort(mining_score, axis=-1, direction="DESCENDING", stable=True)
-        rank = tf.argsort(order, axis=-1, stable=True)
-        hard_neg = negative & (rank < num_neg[:, None])
+        num_pos = ops.sum(ops.cast(positive, "int32"), axis=-1)  # (B,)
+        num_neg_avail = ops.sum(ops.cast(negative, "int32"), axis=-1)
+        wanted = ops.cast(ops.floor(self.neg_pos_ratio * ops.cast(num_pos, "float32")), "int32")
+        num_neg = ops.minimum(ops.maximum(wanted, self.min_negatives), num_neg_avail)
+        # Rank the negatives by their background loss (positives and ignored boxes go last); the
+        # rank of each box is the position of its score in the descending order.
+        mining_score = ops.where(negative, ops.stop_gradient(ce), -1.0)
+        order = ops.argsort(-mining_score, axis=-1)
+        rank = ops.argsort(order, axis=-1)
+        hard_neg = ops.logical_and(negative, ops.less(rank, ops.expand_dims(num_neg, -1)))
 
-        conf = tf.reduce_sum(ce * (pos_f + tf.cast(hard_neg, tf.float32)), axis=-1)
+        conf = ops.sum(ce * (pos_f + ops.cast(hard_neg, "float32")), axis=-1)
         huber = keras.losses.huber(loc_t, offsets, delta=self.delta) * 4.0  # mean -> sum over 4
-        loc = tf.reduce_sum(huber * pos_f, axis=-1)
+        loc = ops.sum(huber * pos_f, axis=-1)
         return {"cls": conf, "loc": loc, "num_pos": num_pos, "num_neg": num_neg}
 
-    def components(self, y_true: Any, y_pred: Any) -> dict[str, tf.Tensor]:
+    def _n_pos(self, parts: dict[str, Tensor]) -> Tensor:
+        """The batch's positives as a float, at least 1 (the paper's ``N``)."""
+        return ops.maximum(ops.cast(ops.sum(parts["num_pos"]), "float32"), 1.0)
+
+    def components(self, y_true: Any, y_pred: Any) -> dict[str, Tensor]:
         """Scalar ``cls``, ``loc`` (already over ``N_pos``), ``total`` and ``num_pos`` for logging."""
         parts = self.per_image(y_true, y_pred)
-        n = tf.maximum(tf.cast(tf.reduce_sum(parts["num_pos"]), tf.float32), 1.0)
-        cls = tf.reduce_sum(parts["cls"]) / n
-        loc = tf.reduce_sum(parts["loc"]) / n
-        return {"cls": cls, "loc": loc, "total": cls + self.alpha * loc, "num_pos": tf.reduce_sum(parts["num_pos"])}
+        n = self._n_pos(parts)
+        cls = ops.sum(parts["cls"]) / n
+        loc = ops.sum(parts["loc"]) / n
+        return {"cls": cls, "loc": loc, "total": cls + self.alpha * loc, "num_pos": ops.sum(parts["num_pos"])}
 
-    def call(self, y_true: Any, y_pred: Any) -> tf.Tensor:
+    def call(self, y_true: Any, y_pred: Any) -> Tensor:
         """Per-image terms ``(L_conf_i + alpha L_loc_i) / N_pos`` (B,); they sum to the loss."""
         parts = self.per_image(y_true, y_pred)
-        n = tf.maximum(tf.cast(tf.reduce_sum(parts["num_pos"]), tf.float32), 1.0)
-        return (parts["cls"] + self.alpha * parts["loc"]) / n
+        return (parts["cls"] + self.alpha * parts["loc"]) / self._n_pos(parts)
 
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments, for Keras serialisation."""

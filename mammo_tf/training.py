@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -10,7 +11,6 @@ from typing import Any, Callable, Sequence
 
 import keras
 import pandas as pd
-import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
@@ -46,8 +46,32 @@ def set_seeds(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def make_strategy(name: str = "default") -> tf.distribute.Strategy:
-    """The tf.distribute strategy named in the config."""
+def gpu_present() -> bool:
+    """Whether the Keras backend sees a GPU (TensorFlow, JAX or PyTorch)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    if backend == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+def make_strategy(name: str = "default") -> Any:
+    """The tf.distribute strategy named in the config (on another Keras backend, only 'default': no scope)."""
+    if keras.backend.backend() != "tensorflow":
+        if name != "default":
+            raise ValueError(f"strategy {name!r} needs the TensorFlow backend (this is {keras.backend.backend()})")
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -65,7 +89,7 @@ def make_strategy(name: str = "default") -> tf.distribute.Strategy:
 def set_precision(mode: str = "auto") -> str:
     """Set the global Keras dtype policy; 'auto' uses mixed_float16 only when a GPU is present."""
     if mode == "auto":
-        mode = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+        mode = "mixed_float16" if gpu_present() else "float32"
     keras.mixed_precision.set_global_policy(mode)
     return mode
 
@@ -112,8 +136,8 @@ def callbacks(out_dir: str | Path, cfg: TrainConfig, monitor: str = "val_loss", 
 def fit(
     build: Callable[[], keras.Model],
     compile_kwargs: Callable[[], dict],
-    train_ds: tf.data.Dataset,
-    val_ds: tf.data.Dataset | None,
+    train_ds: Any,
+    val_ds: Any | None,
     cfg: TrainConfig,
     out_dir: str | Path,
     monitor: str = "val_loss",
@@ -125,7 +149,7 @@ def fit(
     """Build and compile under the configured strategy, train with resumable callbacks, return model and history."""
     set_seeds(cfg.seed)
     strategy = make_strategy(cfg.strategy)
-    with strategy.scope():
+    with strategy.scope() if hasattr(strategy, "scope") else strategy:
         model = build()
         model.compile(optimizer=make_optimizer(cfg), **compile_kwargs())
     out = Path(out_dir)

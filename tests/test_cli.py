@@ -7,7 +7,8 @@ import json
 from mammo_tf import cli
 
 SUBCOMMANDS = {"fetch", "summary", "run", "train-classifier", "evaluate-classifier", "train-detector",
-               "evaluate-detector", "detect", "evaluate-cascade", "evaluate-external", "report"}
+               "evaluate-detector", "detect", "evaluate-cascade", "evaluate-external", "report",
+               "export-detector-arrays", "train-detector-arrays", "evaluate-detector-arrays"}
 
 
 def test_subcommands():

@@ -36,10 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from mammo_tf import anchors as anc
-from mammo_tf import boxes as bx
 from mammo_tf.config import from_dict as config_from_dict
 from mammo_tf.models import backbones
 from mammo_tf.models import classifier as clf
@@ -93,7 +91,7 @@ class SSDConfig:
     s_max: float | None = None
     first_scale: float | None = None
     clip_anchors: bool = True
-    variances: tuple[float, float, float, float] = bx.VARIANCES
+    variances: tuple[float, float, float, float] = anc.VARIANCES
     freeze_through: str | None = None
     fc6_input_norm: bool = False
 
@@ -263,7 +261,7 @@ def build_ssd(cfg: SSDConfig | None = None) -> tuple[keras.Model, anc.AnchorConf
 def ssd_targets_fn(
     anchor_cfg: anc.AnchorConfig,
     iou_threshold: float = 0.5,
-    variances: Sequence[float] = bx.VARIANCES,
+    variances: Sequence[float] = anc.VARIANCES,
     ignore_iou: float | None = None,
 ) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, dict[str, tf.Tensor]]]:
     """A ``tf.data`` map function ``(image, boxes, labels) -> (image, {"cls", "loc"})``.
@@ -272,6 +270,10 @@ def ssd_targets_fn(
     ``labels``: ``(G,)`` detector ids ``>= 1``. The targets are :func:`mammo_tf.boxes.match`'s,
     the structure :class:`mammo_tf.losses.MultiBoxLoss` takes as ``y_true``.
     """
+    import tensorflow as tf  # a tf.data map function: the model itself needs no TensorFlow
+
+    from mammo_tf import boxes as bx
+
     anchors = tf.constant(anc.default_boxes(anchor_cfg))
     variances = tuple(float(v) for v in variances)
 
