@@ -129,6 +129,10 @@ def step_report(cfg: dict, out: Path) -> dict:
     models = out / "models"
     if not models.is_dir():
         return {}
+    from mammo_tf import bilateral
+
+    if any(models.glob("*/fold*/film_predictions.csv")):  # the classifier runs' films, read bilaterally
+        bilateral.evaluate(models, models / "bilateral_films", command="study step report (bilateral)")
     path = report.write_report(models)
     print(report.build_tables(report.collect_rows(models)), flush=True)
     return {"report": str(path)}

@@ -130,7 +130,8 @@ def plot_heatmaps(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], tit
 
 
 def plot_paired_folds(scores: Mapping[str, Sequence[float]], title: str | None = None,
-                      metric: str = "abnormal-vs-normal AUC", chance: float | None = 0.5) -> Figure:
+                      metric: str = "abnormal-vs-normal AUC", chance: float | None = 0.5,
+                      chance_label: str = "chance") -> Figure:
     """Per-fold scores of several models on the same folds: one column per model, one line per fold."""
     names = list(scores)
     values = np.array([np.asarray(scores[n], dtype=float) for n in names])
@@ -144,7 +145,7 @@ def plot_paired_folds(scores: Mapping[str, Sequence[float]], title: str | None =
     ax.errorbar(xs + 0.12, np.nanmean(values, axis=1), yerr=np.nanstd(values, axis=1), fmt="s", color="black",
                 capsize=4, label="mean ± std")
     if chance is not None:
-        ax.axhline(chance, color="tab:red", ls=":", lw=1, label="chance")
+        ax.axhline(chance, color="tab:red", ls=":", lw=1, label=chance_label)
     ax.set_xticks(xs, [n.replace(", ", ",\n") for n in names], fontsize=8)
     ax.set_ylabel(metric)
     ax.legend(fontsize=8, loc="best")
