@@ -241,7 +241,7 @@ def train(arrays_path: str | Path, out_path: str | Path, vgg16_weights: str | Pa
     precision = training.set_precision(tcfg.mixed_precision)
     batches = _batches_class()
     channels = ssd_cfg.input_channels
-    allowed = tuple(arrays.meta["allowed"])
+    allowed = tuple(arrays.meta["allowed"])  # (0,) when the experiment does not augment
     out: dict[str, Any] = {"provenance": provenance(command), "experiment": arrays.meta["experiment"],
                            "anchors": arrays.meta["anchors"], "precision": precision,
                            "init_weights": str(vgg16_weights or ssd_cfg.weights), "folds": {}}
@@ -255,8 +255,7 @@ def train(arrays_path: str | Path, out_path: str | Path, vgg16_weights: str | Pa
             print(f"fold {k}: not started, past the deadline of {deadline_s:.0f} s", flush=True)
             break
         train_rows, val_rows, test_rows = (np.asarray(fold[s], np.int64) for s in ("train", "val", "test"))
-        train_ds = batches(arrays, train_rows, tcfg.batch_size, channels, allowed if exp.augment else (0,),
-                           seed=tcfg.seed + k)
+        train_ds = batches(arrays, train_rows, tcfg.batch_size, channels, allowed, seed=tcfg.seed + k)
         val_ds = batches(arrays, val_rows, tcfg.batch_size, channels) if len(val_rows) else None
         loss = MultiBoxLoss(neg_pos_ratio=exp.neg_pos_ratio, min_negatives=exp.min_negatives)
         trainer_cls = D._trainer_class()
