@@ -63,6 +63,8 @@ GATE_RULE = (
 )
 TABLE = "Cascade: detection quality vs time (mini-MIAS whole films, no prior location)"
 TIME_NOTE = "time/film: stage medians x pass rate, measured in this run"
+STORED_NOTE = ("detections: the detector run's stored test outputs (trained on another machine); its time per "
+               "film measured here with random weights of the same network")
 
 
 # --------------------------------------------------------------------------- the gate threshold
@@ -342,7 +344,7 @@ def cmd_evaluate_cascade(args: Any) -> int:
 
     command = "mammo-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     evaluate_cascade(args.classifier, args.detector, args.out, sensitivities=args.sensitivities, command=command,
-                     n_timing=args.n_timing)
+                     n_timing=args.n_timing, detector_outputs=args.detector_outputs)
     print(f"[mammo-tf] cascade evaluation in {args.out}")
     return 0
 
@@ -356,6 +358,8 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--sensitivities", type=float, nargs="+", default=[0.9, 0.95, 0.99],
                    help="gate targets: share of abnormal films that must pass")
     p.add_argument("--n-timing", type=int, default=8, help="films timed for the time per film")
+    p.add_argument("--detector-outputs", nargs="+",
+                   help="the detector's stored outputs (train-detector-arrays) in place of saved fold models")
     p.set_defaults(func=cmd_evaluate_cascade)
 
 
@@ -514,13 +518,17 @@ def _gate_stats(films: pd.DataFrame, threshold: float) -> dict:
 def evaluate_cascade(classifier_dir: str | Path, detector_dir: str | Path, out_dir: str | Path,
                      sensitivities: Sequence[float] = (0.9, 0.95, 0.99), command: str | None = None,
                      n_timing: int = 8, annotations: pd.DataFrame | None = None,
-                     default_sensitivity: float = DEFAULT_SENSITIVITY) -> dict:
+                     default_sensitivity: float = DEFAULT_SENSITIVITY,
+                     detector_outputs: Sequence[str | Path] | None = None) -> dict:
     """Cascade vs detector on every film, on each trained detector fold's test films; metrics, figures, gate.json.
 
     See the module docstring for the rules (honest gate scores, thresholds from training patients
     only). Writes ``metrics.json`` (per fold, mean ± std, pooled, ``results`` rows of :data:`TABLE`),
     ``gate.json`` (the deployable threshold at `default_sensitivity`), ``tradeoff.png``,
-    ``froc.png`` and ``gate_scores.png`` into `out_dir`.
+    ``froc.png`` and ``gate_scores.png`` into `out_dir`. ``detector_outputs``: the detector's
+    stored test outputs (:mod:`mammo_tf.detector_arrays`, a run trained elsewhere whose weights
+    are not here) in place of its saved fold models; its time per film is then measured with
+    random weights of the same network.
     """
     from mammo_tf.config import from_dict, provenance
     from mammo_tf.metrics.classification import summarise_folds
@@ -531,13 +539,23 @@ def evaluate_cascade(classifier_dir: str | Path, detector_dir: str | Path, out_d
     if any(not 0.0 < s <= 1.0 for s in sens):
         raise ValueError(f"sensitivities must be in (0, 1], got {sens}")
     ddir, out = Path(detector_dir), Path(out_dir)
-    exp = from_dict(D.DetectorExperiment, load_json(ddir / D.CONFIG_FILE)["experiment"])
+    stored = None
+    if detector_outputs:
+        from mammo_tf import detector_arrays
+
+        info, exp, stored = detector_arrays.load_detections(detector_outputs)
+        trained = {int(k) for k in info["folds"]}
+    else:
+        exp = from_dict(D.DetectorExperiment, load_json(ddir / D.CONFIG_FILE)["experiment"])
     if exp.protocol != "whole" or exp.naive_split:
         raise ValueError(f"{ddir}: the cascade is evaluated on a whole-film, patient-split detector "
                          f"(protocol {exp.protocol!r}, naive_split {exp.naive_split})")
     ann = annotations if annotations is not None else mias.load_annotations(exp.data)
     samples = D.make_samples(exp, ann)
-    folds = [f for f in D.make_folds(exp, samples) if (ddir / "folds" / f"fold{f.index}" / D.MODEL_FILE).is_file()]
+    if stored is not None:
+        folds = [f for f in D.make_folds(dataclasses.replace(exp, max_folds=None), samples) if f.index in trained]
+    else:
+        folds = [f for f in D.make_folds(exp, samples) if (ddir / "folds" / f"fold{f.index}" / D.MODEL_FILE).is_file()]
     if not folds:
         raise FileNotFoundError(f"{ddir}: no trained fold (folds/fold<k>/model.keras)")
     films = gate_scores(classifier_dir, _film_table(samples), ann)
@@ -558,9 +576,15 @@ def evaluate_cascade(classifier_dir: str | Path, detector_dir: str | Path, out_d
         test = test.set_index("refnum").loc[records["refnum"]].reset_index()
         train_patients = set(fold.train["patient_id"]) | set(fold.val["patient_id"])
         gates = fold_gate_thresholds(films, fold.test["patient_id"], train_patients, sens)
-        gts, dets = fold_detections(exp, samples, records, fold_dir)
+        if stored is None:
+            gts, dets = fold_detections(exp, samples, records, fold_dir)
+        else:  # stored outputs of the fold's test films (their folds are checked to be these)
+            found = dict(zip(fold.test["refnum"], stored(fold)["test"]))
+            dets = D._to_eval_pixels(exp, samples, records, [found[r] for r in records["refnum"]])
+            gts = D._ground_truth(exp, records, samples.annotations)
         row: dict[str, Any] = {"fold": fold.index, "n_test_films": int(len(fold.test)), "n_evaluated": int(len(records)),
-                               "detector_unseen_checked": check_detector_unseen(fold_dir, fold.test),
+                               "detector_unseen_checked": (True if stored is not None
+                                                           else check_detector_unseen(fold_dir, fold.test)),
                                "left_out_no_honest_score": sorted(set(fold.test["refnum"]) - set(records["refnum"])),
                                "test_patients": sorted(int(p) for p in set(fold.test["patient_id"])),
                                "gate_pool_patients": sorted(int(p) for p in train_patients),
@@ -577,7 +601,8 @@ def evaluate_cascade(classifier_dir: str | Path, detector_dir: str | Path, out_d
             row["variants"][variant_name(v)] = {**flat, **({} if v is None else {"gate": gates[v]})}
         fold_rows.append(row)
         if len(timings) < n_timing:
-            timings += _time_films(fold_dir, classifier_dir, clf_folds, records, n_timing - len(timings), exp.data)
+            timings += _time_films(_timing_cascade(fold_dir, exp, classifier_dir, clf_folds[0].index, stored is None),
+                                   records, n_timing - len(timings), exp.data)
     summary, pooled, frocs = {}, {}, {}
     for v in variants:
         summary[variant_name(v)] = summarise_folds(per_variant[v])
@@ -613,7 +638,8 @@ def evaluate_cascade(classifier_dir: str | Path, detector_dir: str | Path, out_d
         "froc_curves": {name: _curve(fr) for name, fr in frocs.items()},
         "timing": {"n_films": len(timings), "stage_medians_s": stage_medians(timings), "note": TIME_NOTE},
         "points": points.to_dict("records"), "gate": gate,
-        "results": _result_rows(exp, summary, pooled, base_time, len(folds), prov, Path(classifier_dir).name),
+        "results": _result_rows(exp, summary, pooled, base_time, len(folds), prov, Path(classifier_dir).name,
+                                TIME_NOTE if stored is None else f"{STORED_NOTE}; {TIME_NOTE}"),
         "provenance": prov,
     }
     save_json(out / GATE_FILE, gate)
@@ -652,12 +678,21 @@ def _lesions_passed(gts: Sequence[dict], scores: Sequence[float], threshold: flo
     return kept / n if n else float("nan")
 
 
-def _time_films(fold_dir: Path, classifier_dir: str | Path, clf_folds: list[ClassifierFold], records: pd.DataFrame,
-                n: int, data: str | None) -> list[dict]:
-    """Per-stage timings of the full cascade (gate open) on up to `n` films of `records` from their files, warm."""
+def _timing_cascade(fold_dir: Path, exp: D.DetectorExperiment, classifier_dir: str | Path, classifier_fold: int,
+                    saved: bool) -> Cascade:
+    """The full cascade (gate open) to time: the fold's saved detector, or the same network with random weights."""
+    if saved:
+        return Cascade.load(fold_dir, classifier_dir, -math.inf, classifier_fold)
+    from mammo_tf.models.ssd import build_ssd
+
+    model, anchors = build_ssd(dataclasses.replace(exp.ssd_config(), weights="random"))  # speed needs no weights
+    return Cascade(model, exp, anchors, load_classifier_fold(classifier_dir, classifier_fold), -math.inf, name=exp.name)
+
+
+def _time_films(cascade: Cascade, records: pd.DataFrame, n: int, data: str | None) -> list[dict]:
+    """Per-stage timings of a cascade on up to `n` films of `records` from their files, warm."""
     if n <= 0 or records.empty:
         return []
-    cascade = Cascade.load(fold_dir, classifier_dir, -math.inf, clf_folds[0].index)
     folder = mias.fetch(data)
     paths = [folder / f"{r}.pgm" for r in records["refnum"][:n]]
     run_cascade_on_image(paths[0], cascade)  # warm-up: traces the models
@@ -670,7 +705,7 @@ def _cell(summary: dict, key: str) -> Any:
 
 
 def _result_rows(exp: D.DetectorExperiment, summary: dict, pooled: dict, base_time: float, n_folds: int, prov: dict,
-                 classifier: str) -> list[dict]:
+                 classifier: str, time_note: str = TIME_NOTE) -> list[dict]:
     cfg = exp.ssd_config()
     common = {"table": TABLE, "command": prov["command"], "hardware": D._hardware(prov), "date": prov["date"]}
     rows = []
@@ -684,7 +719,7 @@ def _result_rows(exp: D.DetectorExperiment, summary: dict, pooled: dict, base_ti
         label = f"{detector}, every film" if name == variant_name(None) else f"{classifier} gate + {detector}, {name[9:]}"
         rows.append({**common, "row": label, "values": values,
                      "note": f"{n_folds} of {exp.folds} patient folds, same test films; gate: thresholds from "
-                             f"training patients only; {TIME_NOTE}"})
+                             f"training patients only; {time_note}"})
     return rows
 
 

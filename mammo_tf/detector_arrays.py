@@ -28,7 +28,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -347,31 +347,23 @@ def merge_results(paths: Sequence[str | Path]) -> tuple[dict, dict[str, dict[str
     return info, saved
 
 
-def evaluate(results_paths: Sequence[str | Path], out_dir: str | Path, command: str | None = None) -> dict:
-    """Score :func:`train` outputs as :func:`mammo_tf.detector.evaluate_experiment` scores saved models (TensorFlow side)."""
+def load_detections(results_paths: Sequence[str | Path]) -> tuple[dict, Any, Callable[[Any], dict]]:
+    """(merged info, experiment, ``fold -> {"test", "train": detections}``) of :func:`train` outputs.
+
+    Detections are decoded by :func:`mammo_tf.detector.decode_batch` (normalised boxes, in the
+    fold's record order); a fold whose records differ from this checkout's folds is refused.
+    """
     from mammo_tf import detector as D
     from mammo_tf.anchors import AnchorConfig, default_boxes
-    from mammo_tf.io import atomic_write_text, save_json
 
     info, saved = merge_results(list(results_paths))
     exp = D.from_dict(D.DetectorExperiment, info["experiment"])
-    done = sorted(int(k) for k in info["folds"])
-    if not done or done != list(range(len(done))):
-        raise ValueError(f"folds {done} trained; evaluation needs the first folds, in order")
-    # Folds cut short by the training's deadline are not reported.
-    exp = dataclasses.replace(exp, max_folds=min(len(done), exp.folds))
     anchor_cfg = AnchorConfig.from_dict(info["anchors"])
     anchors = default_boxes(anchor_cfg)
-    out = Path(out_dir)
-    training_info = {}
-    for k in done:
-        fold_dir = out / "folds" / f"fold{k}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(fold_dir / "training_log.csv", info["folds"][str(k)]["log"])
-        training_info[k] = info["folds"][str(k)]["training"]
-        save_json(fold_dir / "training.json", training_info[k])
 
     def detections(fold: Any) -> dict[str, list[dict]]:
+        if str(fold.index) not in info["folds"]:
+            raise ValueError(f"fold {fold.index} was not trained in {[str(p) for p in results_paths]}")
         found = {}
         for split, records in (("test", fold.test), ("train", fold.train)):
             if list(records["refnum"]) != info["folds"][str(fold.index)]["refnums"][split]:
@@ -381,6 +373,28 @@ def evaluate(results_paths: Sequence[str | Path], out_dir: str | Path, command: 
             found[split] = D.decode_batch(dense, anchors, exp)
         return found
 
+    return info, exp, detections
+
+
+def evaluate(results_paths: Sequence[str | Path], out_dir: str | Path, command: str | None = None) -> dict:
+    """Score :func:`train` outputs as :func:`mammo_tf.detector.evaluate_experiment` scores saved models (TensorFlow side)."""
+    from mammo_tf import detector as D
+    from mammo_tf.io import atomic_write_text, save_json
+
+    info, exp, detections = load_detections(results_paths)
+    done = sorted(int(k) for k in info["folds"])
+    if not done or done != list(range(len(done))):
+        raise ValueError(f"folds {done} trained; evaluation needs the first folds, in order")
+    # Folds cut short by the training's deadline are not reported.
+    exp = dataclasses.replace(exp, max_folds=min(len(done), exp.folds))
+    out = Path(out_dir)
+    training_info = {}
+    for k in done:
+        fold_dir = out / "folds" / f"fold{k}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(fold_dir / "training_log.csv", info["folds"][str(k)]["log"])
+        training_info[k] = info["folds"][str(k)]["training"]
+        save_json(fold_dir / "training.json", training_info[k])
     first = info["runs"][0]
     trained_by = {**first, "command": "; ".join(r["command"] for r in info["runs"]),
                   "wall_time_s": round(info["wall_time_s"], 1), "init_weights": info["init_weights"],

@@ -258,3 +258,28 @@ def test_cli_arguments_parse():
     args = parser.parse_args(["detect", "--cascade", "--classifier", "c", "--gate-threshold", "0.7"])
     assert args.cascade and args.classifier == "c" and args.gate_threshold == 0.7 and args.gate is None
     assert args.classifier_fold == 0
+
+
+def test_evaluate_cascade_from_stored_detector_outputs(folders, tmp_path, annotations):
+    from mammo_tf import detector_arrays as X
+
+    _, clf_dir = folders
+    exp = D.DetectorExperiment(**TINY_DET)
+    arrays = X.export(exp, tmp_path / "arrays.npz")
+    X.train(arrays, tmp_path / "outputs.npz", verbose=0, command="pytest-train")
+    metrics = C.evaluate_cascade(clf_dir, tmp_path / "no_weights_here", tmp_path / "casc", sensitivities=(1.0,),
+                                 n_timing=1, annotations=annotations, command="pytest",
+                                 detector_outputs=[tmp_path / "outputs.npz"])
+    _, _, stored = X.load_detections([tmp_path / "outputs.npz"])
+    samples = D.make_samples(exp, annotations)
+    fold = D.make_folds(exp, samples)[0]
+    # "every film": exactly the stored detections of the evaluated test films.
+    evaluated = [r for r in fold.test["refnum"] if r not in metrics["folds"][0]["left_out_no_honest_score"]]
+    keep = fold.test["refnum"].isin(evaluated).to_numpy()
+    records = fold.test[keep].reset_index(drop=True)
+    dets = [d for d, k in zip(stored(fold)["test"], keep) if k]
+    flat, _, _ = D.detection_metrics(D._ground_truth(exp, records, samples.annotations),
+                                     D._to_eval_pixels(exp, samples, records, dets), exp.iou_threshold)
+    assert metrics["folds"][0]["variants"]["every film"]["map"] == flat["map"]
+    assert metrics["folds"][0]["n_evaluated"] == len(records) and metrics["timing"]["n_films"] == 1
+    assert all("stored test outputs" in r["note"] for r in metrics["results"])
