@@ -11,10 +11,12 @@ The lent GPU machines have JAX and PyTorch but no TensorFlow, and our input pipe
    by :func:`mammo_tf.models.ssd.build_ssd`, trained by :func:`mammo_tf.training.fit` with the
    same trainer, loss and callbacks as :func:`mammo_tf.detector.train_fold`; augmentation draws
    one of the allowed transforms per image and epoch, as ``flips_rot90`` / ``left_right`` do.
-   It keeps every image's raw outputs at the highest-scoring default boxes.
+   It keeps every image's raw outputs at the highest-scoring default boxes and, if asked, a
+   fold's weights in float16 parts small enough to come back from the GPU machine.
 3. :func:`evaluate` (TensorFlow, CPU): decodes those outputs with
    :func:`mammo_tf.detector.decode_batch` (the same NMS) and scores them with
-   :func:`mammo_tf.detector.evaluate_experiment`, beside the same references.
+   :func:`mammo_tf.detector.evaluate_experiment`, beside the same references; weight parts that
+   came back become a detector folder again.
 
 The arrays are derivatives of the MIAS images: they live in the data cache or a git-ignored
 folder, never in the repository.
