@@ -384,6 +384,8 @@ def _trainer_class() -> type:
     """The Keras model that trains an SSD with MultiBoxLoss on dict targets (built lazily: imports Keras)."""
     import keras
 
+    from mammo_tf.training import replicas_in_sync
+
     class SSDTrainer(keras.Model):
         """Wraps the functional SSD; ``compute_loss`` hands the dict targets and outputs to MultiBoxLoss.
 
@@ -413,20 +415,9 @@ def _trainer_class() -> type:
                 total = total + keras.ops.sum([keras.ops.cast(v, "float32") for v in self.losses])
             # Under tf.distribute Keras sums the replicas' gradients (and un-scales its loss tracker),
             # so each replica returns its share, as Keras' own losses do.
-            return total / _replicas_in_sync()
+            return total / replicas_in_sync()
 
     return SSDTrainer
-
-
-def _replicas_in_sync() -> int:
-    """Replicas of the current tf.distribute strategy (1 on a backend without one)."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        return 1
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def anchor_config(ssd_cfg: Any) -> Any:

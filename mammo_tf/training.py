@@ -86,6 +86,15 @@ def make_strategy(name: str = "default") -> Any:
     raise ValueError(f"unknown strategy {name!r} (expected one of {STRATEGIES})")
 
 
+def replicas_in_sync() -> int:
+    """Replicas of the current tf.distribute strategy (1 on a backend without one)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
 def set_precision(mode: str = "auto") -> str:
     """Set the global Keras dtype policy; 'auto' uses mixed_float16 only when a GPU is present."""
     if mode == "auto":
