@@ -194,6 +194,16 @@ def decode_detections(
     return out
 
 
+def suppress_across_classes(boxes: ArrayLike, scores: ArrayLike, iou_threshold: float = 0.45) -> np.ndarray:
+    """Indices kept by class-agnostic NMS (``tf.image.non_max_suppression``) over one image's detections, by score."""
+    b = _as_boxes(boxes, "boxes")
+    if b.shape[0] == 0:
+        return np.zeros(0, np.int64)
+    keep = tf.image.non_max_suppression(b, tf.convert_to_tensor(scores, tf.float32), max_output_size=int(b.shape[0]),
+                                        iou_threshold=iou_threshold)
+    return keep.numpy().astype(np.int64)
+
+
 def pixels_to_normalised(boxes: ArrayLike, image_shape: Sequence[int]) -> np.ndarray:
     """Pixel corner boxes -> normalised corner boxes for an image of shape ``(H, W, ...)``."""
     h, w = float(image_shape[0]), float(image_shape[1])

@@ -593,7 +593,7 @@ def evaluate_cascade(classifier_dir: str | Path, detector_dir: str | Path, out_d
         for v in variants:
             threshold = -math.inf if v is None else gates[v]["threshold"]
             vdets = gate_detections(dets, test["gate_score"], threshold)
-            flat, _, _ = D.detection_metrics(gts, vdets, exp.iou_threshold)
+            flat, _, _ = D.detection_metrics(gts, vdets, exp.iou_threshold, exp.nms_iou_threshold)
             flat.update(_gate_stats(test, threshold))
             flat["lesions_on_passed_films"] = _lesions_passed(gts, test["gate_score"], threshold)
             per_variant[v].append(flat)
@@ -606,7 +606,7 @@ def evaluate_cascade(classifier_dir: str | Path, detector_dir: str | Path, out_d
     summary, pooled, frocs = {}, {}, {}
     for v in variants:
         summary[variant_name(v)] = summarise_folds(per_variant[v])
-        flat, _, fr = D.detection_metrics(pooled_gt, pooled_det[v], exp.iou_threshold)
+        flat, _, fr = D.detection_metrics(pooled_gt, pooled_det[v], exp.iou_threshold, exp.nms_iou_threshold)
         pooled[variant_name(v)] = flat
         frocs[variant_name(v)] = fr
     pool_all = pd.concat([films[films["refnum"].isin(f.test["refnum"])] for f in folds])

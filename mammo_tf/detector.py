@@ -620,7 +620,37 @@ def _to_eval_pixels(exp: DetectorExperiment, samples: Samples, records: pd.DataF
     return out
 
 
-def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_threshold: float = 0.5) -> tuple[dict, dict, dict]:
+# Looser IoU thresholds at which the class-agnostic lesion AP is reported too: mini-MIAS boxes come
+# from rough circles, and these tell a box that is off in size from a lesion missed altogether.
+LESION_IOUS = (0.3, 0.1)
+
+
+def as_lesions(ground_truths: list[dict], detections: list[dict],
+               nms_iou_threshold: float = 0.45) -> tuple[list[dict], list[dict]]:
+    """The same images with one class, "lesion": every label 1, and a benign and a malignant box on
+    one spot merged by class-agnostic NMS (the higher score kept), so neither counts as a duplicate."""
+    from mammo_tf.boxes import suppress_across_classes
+
+    gts = [{"boxes": g["boxes"], "labels": np.ones(len(g["labels"]), np.int64)} for g in ground_truths]
+    dets = []
+    for d in detections:
+        keep = suppress_across_classes(d["boxes"], d["scores"], nms_iou_threshold)
+        dets.append({"boxes": np.asarray(d["boxes"])[keep], "scores": np.asarray(d["scores"])[keep],
+                     "labels": np.ones(len(keep), np.int64)})
+    return gts, dets
+
+
+def lesion_ap(ground_truths: list[dict], detections: list[dict], iou_threshold: float = 0.5) -> float:
+    """All-point VOC AP of one class, "lesion", on images already passed through :func:`as_lesions`."""
+    from mammo_tf.metrics.detection import evaluate_detections
+
+    ev = evaluate_detections(ground_truths, detections, iou_threshold=iou_threshold, class_ids=(1,),
+                             class_names=("lesion",))
+    return ev["classes"]["lesion"]["ap_all_point"]
+
+
+def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_threshold: float = 0.5,
+                      nms_iou_threshold: float = 0.45) -> tuple[dict, dict, dict]:
     """(flat scalar metrics, evaluate_detections result, froc result) of one set of images."""
     from mammo_tf.metrics.detection import evaluate_detections, froc, sensitivity_at_fp
 
@@ -644,11 +674,36 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
         "n_benign": ev["classes"]["benign"]["n_gt"],
         "n_malignant": ev["classes"]["malignant"]["n_gt"],
     }
+    # With the class ignored, AP measures the boxes alone: how much of the mAP gap is the class.
+    lesion_gts, lesion_dets = as_lesions(ground_truths, detections, nms_iou_threshold)
+    flat["lesion_ap"] = lesion_ap(lesion_gts, lesion_dets, iou_threshold)
+    for t in LESION_IOUS:
+        flat[f"lesion_ap_iou{t:g}"] = lesion_ap(lesion_gts, lesion_dets, t)
     return flat, ev, fr
 
 
 ROW_VALUES = {"benign AP": "benign_ap", "malignant AP": "malignant_ap", "mAP": "map", "mAP (VOC07 11-pt)": "map_11",
-              "sens@1FP": "sens_at_1fp", "train mAP (fit check)": "train_mAP"}
+              "sens@1FP": "sens_at_1fp", "lesion AP (class ignored)": "lesion_ap",
+              "lesion AP, IoU >= 0.1": "lesion_ap_iou0.1", "train mAP (fit check)": "train_mAP"}
+
+
+def anchor_coverage(records: pd.DataFrame, anchor_cfg: Any, match_iou: float = 0.5) -> dict:
+    """How well the default boxes fit the lesions: each lesion box's best IoU with a default box, and how many match it."""
+    from mammo_tf.anchors import default_boxes
+    from mammo_tf.boxes import centre_to_corners, iou
+
+    corners = centre_to_corners(default_boxes(anchor_cfg))
+    best, matched = [], []
+    for boxes, size in zip(records["boxes"], records["size"]):
+        if len(boxes):
+            overlaps = np.asarray(iou(np.asarray(boxes, np.float32).reshape(-1, 4) / float(size), corners))
+            best += overlaps.max(axis=1).tolist()
+            matched += (overlaps >= match_iou).sum(axis=1).tolist()
+    best_arr = np.asarray(best)
+    return {"n_lesions": len(best), "match_iou": match_iou,
+            "median_best_iou": float(np.median(best_arr)) if best else float("nan"),
+            f"share_best_iou_ge_{match_iou:g}": float((best_arr >= match_iou).mean()) if best else float("nan"),
+            "median_matched_default_boxes": float(np.median(matched)) if best else float("nan")}
 
 
 def _row_values(summary: dict) -> dict:
@@ -710,16 +765,17 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         found = detections(fold)
         dets = _to_eval_pixels(exp, samples, fold.test, found["test"])
         gts = _ground_truth(exp, fold.test, samples.annotations)
-        flat, ev, fr = detection_metrics(gts, dets, exp.iou_threshold)
-        base, _, _ = detection_metrics(gts, oracle_boxes_random_class(gts, seed=exp.seed + fold.index), exp.iou_threshold)
+        flat, ev, fr = detection_metrics(gts, dets, exp.iou_threshold, exp.nms_iou_threshold)
+        base, _, _ = detection_metrics(gts, oracle_boxes_random_class(gts, seed=exp.seed + fold.index),
+                                       exp.iou_threshold, exp.nms_iou_threshold)
         guesses = random_boxes_random_class([_breast_region(samples, r) for r in fold.test.itertuples()],
                                             _lesion_sides(exp, fold.train), RANDOM_BOXES_PER_IMAGE,
                                             seed=exp.seed + fold.index)
         guesses = _to_eval_pixels(exp, samples, fold.test, guesses)
-        chance, _, _ = detection_metrics(gts, guesses, exp.iou_threshold)
+        chance, _, _ = detection_metrics(gts, guesses, exp.iou_threshold, exp.nms_iou_threshold)
         train_dets = _to_eval_pixels(exp, samples, fold.train, found["train"])
         flat["train_mAP"] = detection_metrics(_ground_truth(exp, fold.train, samples.annotations), train_dets,
-                                              exp.iou_threshold)[0]["map"]
+                                              exp.iou_threshold, exp.nms_iou_threshold)[0]["map"]
         model_metrics.append(flat)
         base_metrics.append(base)
         random_metrics.append(chance)
@@ -743,7 +799,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     summary = summarise_folds(model_metrics)
     base_summary = summarise_folds(base_metrics)
     random_summary = summarise_folds(random_metrics)
-    pooled, pooled_ev, pooled_fr = detection_metrics(pooled_gt, pooled_det, exp.iou_threshold)
+    pooled, pooled_ev, pooled_fr = detection_metrics(pooled_gt, pooled_det, exp.iou_threshold, exp.nms_iou_threshold)
 
     reference = {"benign": POSTER_REFERENCE["benign"], "malignant": POSTER_REFERENCE["malignant"],
                  "mAP": POSTER_REFERENCE["mAP"]}
@@ -770,6 +826,8 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         "leaky": exp.naive_split,
         "excluded_films": samples.excluded,
         "n_samples": len(samples.records),
+        # The default boxes' fit to every sample's lesions (no model involved): a low share would cap the AP.
+        "anchor_coverage": anchor_coverage(samples.records, anchor_config(exp.ssd_config()), exp.match_iou),
         "folds": fold_rows,
         "summary": {"model": summary, "oracle_boxes_random_class": base_summary,
                     "random_boxes_random_class": random_summary},

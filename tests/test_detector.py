@@ -137,7 +137,8 @@ def test_end_to_end_training_writes_metrics(trained):
     for r in on_disk["results"]:
         assert r["table"].startswith("Detection") and r["command"] == "pytest" and r["date"] and r["hardware"]
     model = rows["SSD96 cnn (random, 1 epochs, flips/rot90)"]["values"]
-    assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP", "train mAP (fit check)"}
+    assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP", "lesion AP (class ignored)",
+                          "lesion AP, IoU >= 0.1", "train mAP (fit check)"}
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())  # one fold: plain numbers
     assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
     chance = rows["Random boxes, random class"]["values"]
@@ -215,6 +216,43 @@ def test_detect_images_pgm_and_corrupt_file(trained, tmp_path, film_and_broken_p
     assert [("error" in r) for r in summary["results"]] == [True, False]
     with pytest.raises(FileNotFoundError, match="no model.keras"):
         D.detect_images([good], tmp_path, tmp_path / "out2")
+
+
+def test_lesion_ap_ignores_the_class_and_merges_a_benign_and_a_malignant_box_on_one_spot():
+    box = np.array([[0.0, 0.0, 10.0, 10.0]])
+    gts = [{"boxes": box, "labels": np.array([1])}, {"boxes": box, "labels": np.array([2])},
+           {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64)}]
+    dets = [
+        # Lesion A found twice, as benign (right) and as malignant: one lesion detection.
+        {"boxes": np.vstack([box, box]), "labels": np.array([1, 2]), "scores": np.array([0.9, 0.8])},
+        # Lesion B (malignant) called benign, its box shifted: IoU 60 / 140 = 0.43.
+        {"boxes": np.array([[0.0, 4.0, 10.0, 14.0]]), "labels": np.array([1]), "scores": np.array([0.7])},
+        {"boxes": np.array([[20.0, 20.0, 30.0, 30.0]]), "labels": np.array([2]), "scores": np.array([0.75])},
+    ]
+    flat, _, _ = D.detection_metrics(gts, dets, iou_threshold=0.5)
+    assert (flat["benign_ap"], flat["malignant_ap"], flat["map"]) == (1.0, 0.0, 0.5)
+    # Class ignored, IoU 0.5: 0.9 hits A, 0.75 and 0.7 miss: recall 1/2 at precision 1.
+    assert flat["lesion_ap"] == pytest.approx(0.5)
+    # IoU 0.3 / 0.1: 0.7 hits B after the 0.75 false positive: 1/2 * 1 + 1/2 * 2/3. Without the
+    # merge the malignant copy of A would be a duplicate ranked second (AP 0.75).
+    assert flat["lesion_ap_iou0.3"] == flat["lesion_ap_iou0.1"] == pytest.approx(5 / 6)
+    lesion_gts, lesion_dets = D.as_lesions(gts, dets)
+    assert [len(d["scores"]) for d in lesion_dets] == [1, 1, 1] and lesion_dets[0]["scores"][0] == 0.9
+    assert all((g["labels"] == 1).all() for g in lesion_gts) and len(lesion_gts[2]["labels"]) == 0
+
+
+def test_anchor_coverage_finds_a_default_box_and_misses_a_one_pixel_lesion():
+    from mammo_tf.anchors import default_boxes, ssd300_anchor_config
+    from mammo_tf.boxes import centre_to_corners
+
+    cfg = ssd300_anchor_config()
+    exact = np.asarray(centre_to_corners(default_boxes(cfg)[1000:1001]))[0] * 300  # a default box, in pixels
+    records = pd.DataFrame({"boxes": [[exact.tolist()], [], [[100.0, 100.0, 101.0, 101.0]]], "size": [300, 300, 300]})
+    cov = D.anchor_coverage(records, cfg, match_iou=0.5)
+    assert cov["n_lesions"] == 2 and cov["share_best_iou_ge_0.5"] == 0.5
+    # Median of two: (1 + the pixel's best IoU, at most 1 / 11.4^2 with the smallest default box) / 2.
+    assert 0.5 < cov["median_best_iou"] < 0.51
+    assert cov["median_matched_default_boxes"] >= 0.5  # the exact one matches at least itself, the pixel none
 
 
 def test_refresh_rows_names_the_schedule_and_keeps_the_numbers(tmp_path):
