@@ -640,6 +640,11 @@ def as_lesions(ground_truths: list[dict], detections: list[dict],
     return gts, dets
 
 
+def image_scores(detections: Sequence[dict]) -> np.ndarray:
+    """Each image's highest detection score (0 without detections): the detector read as an image classifier."""
+    return np.array([float(np.max(d["scores"])) if len(d["scores"]) else 0.0 for d in detections])
+
+
 def lesion_ap(ground_truths: list[dict], detections: list[dict], iou_threshold: float = 0.5) -> float:
     """All-point VOC AP of one class, "lesion", on images already passed through :func:`as_lesions`."""
     from mammo_tf.metrics.detection import evaluate_detections
@@ -652,6 +657,7 @@ def lesion_ap(ground_truths: list[dict], detections: list[dict], iou_threshold: 
 def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_threshold: float = 0.5,
                       nms_iou_threshold: float = 0.45) -> tuple[dict, dict, dict]:
     """(flat scalar metrics, evaluate_detections result, froc result) of one set of images."""
+    from mammo_tf.metrics.classification import safe_roc_auc
     from mammo_tf.metrics.detection import evaluate_detections, froc, sensitivity_at_fp
 
     ev = evaluate_detections(ground_truths, detections, iou_threshold=iou_threshold)
@@ -675,6 +681,8 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
         "n_malignant": ev["classes"]["malignant"]["n_gt"],
     }
     # With the class ignored, AP measures the boxes alone: how much of the mAP gap is the class.
+    # Images with a lesion against images without, scored by their best detection (cf. the classifiers' film AUC).
+    flat["image_auc"] = safe_roc_auc([len(g["boxes"]) > 0 for g in ground_truths], image_scores(detections))
     lesion_gts, lesion_dets = as_lesions(ground_truths, detections, nms_iou_threshold)
     flat["lesion_ap"] = lesion_ap(lesion_gts, lesion_dets, iou_threshold)
     for t in LESION_IOUS:
@@ -684,7 +692,8 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
 
 ROW_VALUES = {"benign AP": "benign_ap", "malignant AP": "malignant_ap", "mAP": "map", "mAP (VOC07 11-pt)": "map_11",
               "sens@1FP": "sens_at_1fp", "lesion AP (class ignored)": "lesion_ap",
-              "lesion AP, IoU >= 0.1": "lesion_ap_iou0.1", "train mAP (fit check)": "train_mAP"}
+              "lesion AP, IoU >= 0.1": "lesion_ap_iou0.1", "image AUC (best score)": "image_auc",
+              "train mAP (fit check)": "train_mAP"}
 
 
 def anchor_coverage(records: pd.DataFrame, anchor_cfg: Any, match_iou: float = 0.5) -> dict:

@@ -681,7 +681,7 @@ def evaluate_detector_external(model_dir: str | Path, data_root: str | Path, out
     n_lesions = sum(len(g["boxes"]) for g in gts)
 
     # Per image: the best detection score is an image-level abnormality score.
-    best = np.array([float(d["scores"].max()) if len(d["scores"]) else 0.0 for d in dets])
+    best = detector.image_scores(dets)
     for row, d, b in zip(rows, dets, best):
         row.update({"max_score": b, "n_detections": int(len(d["scores"])),
                     "n_detections_0.5": int((d["scores"] >= 0.5).sum())})

@@ -138,7 +138,7 @@ def test_end_to_end_training_writes_metrics(trained):
         assert r["table"].startswith("Detection") and r["command"] == "pytest" and r["date"] and r["hardware"]
     model = rows["SSD96 cnn (random, 1 epochs, flips/rot90)"]["values"]
     assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP", "lesion AP (class ignored)",
-                          "lesion AP, IoU >= 0.1", "train mAP (fit check)"}
+                          "lesion AP, IoU >= 0.1", "image AUC (best score)", "train mAP (fit check)"}
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())  # one fold: plain numbers
     assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
     chance = rows["Random boxes, random class"]["values"]
@@ -236,6 +236,8 @@ def test_lesion_ap_ignores_the_class_and_merges_a_benign_and_a_malignant_box_on_
     # IoU 0.3 / 0.1: 0.7 hits B after the 0.75 false positive: 1/2 * 1 + 1/2 * 2/3. Without the
     # merge the malignant copy of A would be a duplicate ranked second (AP 0.75).
     assert flat["lesion_ap_iou0.3"] == flat["lesion_ap_iou0.1"] == pytest.approx(5 / 6)
+    # Images with a lesion (best scores 0.9, 0.7) against the one without (0.75): 1 of 2 pairs ordered.
+    assert flat["image_auc"] == 0.5
     lesion_gts, lesion_dets = D.as_lesions(gts, dets)
     assert [len(d["scores"]) for d in lesion_dets] == [1, 1, 1] and lesion_dets[0]["scores"][0] == 0.9
     assert all((g["labels"] == 1).all() for g in lesion_gts) and len(lesion_gts[2]["labels"]) == 0
