@@ -1,7 +1,7 @@
 """Geometric augmentation of films, patches and crops, with the same transforms applied to boxes.
 
 Transforms: rotation by multiples of 90 degrees, rotation by an arbitrary angle (reflect fill),
-horizontal (left-right) and vertical (up-down) flips. Angles are in degrees, counter-clockwise
+horizontal (left-right) and vertical (up-down) flips, and SSD's random crop (a zoom in, `tf_zoom_with_boxes`). Angles are in degrees, counter-clockwise
 as the image is displayed (row 0 at the top), the convention of `numpy.rot90`, `tf.image.rot90`
 and `cv2.getRotationMatrix2D`.
 
@@ -269,6 +269,34 @@ def tf_augment_with_boxes(image, boxes, seed, max_angle: float = 0.0, rot90s: bo
             image = tf.cond(do, lambda: tf.reverse(image, [1 if horizontal else 0]), lambda: image)
             boxes = tf.cond(do, lambda: tf_flip_boxes(boxes, h, w, horizontal), lambda: boxes)
     return image, boxes
+
+
+def tf_zoom_with_boxes(image, boxes, labels, seed, min_scale: float):
+    """SSD's random crop: a square window of ``scale * S`` pixels (``scale`` uniform in
+    ``[min_scale, 1]``) resized back to ``S``, placed so that it holds the first box's centre when
+    there is a box; pixel boxes follow it, and boxes whose centre falls outside become padding."""
+    import tensorflow as tf
+
+    s_scale, s_y, s_x = _seeds(seed, 3)
+    size = tf.shape(image)[0]
+    sf = tf.cast(size, tf.float32)
+    side = tf.cast(tf.round(sf * tf.random.stateless_uniform([], s_scale, min_scale, 1.0)), tf.int32)
+    side = tf.clip_by_value(side, 1, size)
+    room = tf.cast(size - side, tf.float32)
+    centre = (boxes[0, :2] + boxes[0, 2:]) / 2.0
+    # Offsets for which the window still holds the first box's centre (any offset without a box).
+    lo = tf.where(labels[0] > 0, tf.maximum(0.0, centre - tf.cast(side, tf.float32)), 0.0)
+    hi = tf.where(labels[0] > 0, tf.minimum(room, centre), room)
+    u = tf.stack([tf.random.stateless_uniform([], s_y), tf.random.stateless_uniform([], s_x)])
+    offset = tf.cast(tf.floor(lo + u * tf.maximum(hi - lo, 0.0)), tf.int32)
+    window = tf.image.crop_to_bounding_box(image, offset[0], offset[1], side, side)
+    zoomed = tf.cast(tf.image.resize(window, [size, size]), image.dtype)
+    k = sf / tf.cast(side, tf.float32)
+    shift = tf.cast(tf.tile(offset, [2]), tf.float32)
+    moved = tf.clip_by_value((boxes - shift) * k, 0.0, sf)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0 - tf.cast(offset, tf.float32)
+    inside = tf.reduce_all((centres >= 0.0) & (centres < tf.cast(side, tf.float32)), axis=1) & (labels > 0)
+    return (zoomed, tf.where(inside[:, None], moved, 0.0), tf.where(inside, labels, tf.zeros_like(labels)))
 
 
 def augmentation_layers(max_angle: float = 0.0, seed: int | None = None):

@@ -66,7 +66,7 @@ CONFIG_FILE = "config.json"
 
 
 SELECT_ON = ("val_loss", "val_mAP")
-AUGMENT_OPS = ("flips_rot90", "left_right")
+AUGMENT_OPS = ("flips_rot90", "left_right", "none")
 
 
 @dataclasses.dataclass
@@ -102,8 +102,9 @@ class DetectorExperiment:
     neg_pos_ratio: float = 3.0
     min_negatives: int = 0
     augment: bool = True
-    augment_ops: str = "flips_rot90"      # flips_rot90 | left_right (mirror images only: still plausible mammograms)
+    augment_ops: str = "flips_rot90"      # flips_rot90 | left_right (mirror images only: still plausible mammograms) | none
     max_angle: float = 0.0
+    zoom_min_scale: float = 1.0           # < 1: SSD's random crop, a zoom in by up to 1 / zoom_min_scale (1: off)
     crops_per_lesion: int = 1
     n_normal: int | None = None           # crops protocol: normal crops in all (None: one per normal film)
     naive_split: bool = False
@@ -133,6 +134,8 @@ class DetectorExperiment:
             raise ConfigError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
         if self.crops_per_lesion < 1:
             raise ConfigError(f"crops_per_lesion must be >= 1, got {self.crops_per_lesion}")
+        if not 0.1 <= self.zoom_min_scale <= 1.0:
+            raise ConfigError(f"zoom_min_scale must be in [0.1, 1], got {self.zoom_min_scale}")
         if self.augment_ops not in AUGMENT_OPS:
             raise ConfigError(f"augment_ops must be one of {AUGMENT_OPS}, got {self.augment_ops!r}")
         if self.select_on not in SELECT_ON:
@@ -342,6 +345,7 @@ def detection_dataset(
     augment: bool = True,
     augment_ops: str = "flips_rot90",
     max_angle: float = 0.0,
+    zoom_min_scale: float = 1.0,
     match_iou: float = 0.5,
     variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
     channels: int = 1,
@@ -362,8 +366,9 @@ def detection_dataset(
         raise ValueError("no records for a detection dataset")
     targets = ssd_targets_fn(anchor_cfg, match_iou, variances, ignore_iou)
     ds = crop_dataset(records, training=training, batch_size=1, seed=seed, augment_train=augment,
-                      max_angle=max_angle, rot90s=augment_ops == "flips_rot90",
-                      flips_up_down=augment_ops == "flips_rot90", max_boxes=_max_boxes(records), films=films)
+                      max_angle=max_angle, rot90s=augment_ops == "flips_rot90", flips=augment_ops != "none",
+                      flips_up_down=augment_ops == "flips_rot90", zoom_min_scale=zoom_min_scale,
+                      max_boxes=_max_boxes(records), films=films)
 
     def to_targets(x: tf.Tensor, y: dict) -> tuple:
         b, lab = y["boxes"], y["labels"]
@@ -478,7 +483,7 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
                       channels=ssd_cfg.input_channels, ignore_iou=exp.ignore_iou)
         train_ds = detection_dataset(fold.train, samples.films, anchors, training=True, seed=tcfg.seed + fold.index,
                                      augment=exp.augment, augment_ops=exp.augment_ops, max_angle=exp.max_angle,
-                                     **common)
+                                     zoom_min_scale=exp.zoom_min_scale, **common)
         val_ds = (detection_dataset(fold.val, samples.films, anchors, training=False, **common)
                   if len(fold.val) else None)
         trainer_cls = _trainer_class()
@@ -852,8 +857,12 @@ def _augmentation_label(exp: DetectorExperiment) -> str:
     """How the training images were augmented, for the report row."""
     if not exp.augment:
         return "no augmentation"
-    ops = "flips/rot90" if exp.augment_ops == "flips_rot90" else "left-right flips"
-    return ops + (f"/rotation up to {exp.max_angle:g} deg" if exp.max_angle > 0 else "")
+    ops = {"flips_rot90": ["flips/rot90"], "left_right": ["left-right flips"], "none": []}[exp.augment_ops]
+    if exp.max_angle > 0:
+        ops.append(f"rotation up to {exp.max_angle:g} deg")
+    if exp.zoom_min_scale < 1:
+        ops.append(f"zoom in up to {1 / exp.zoom_min_scale:.2g}x")
+    return "/".join(ops) or "no augmentation"
 
 
 def _breast_region(samples: Samples, record: Any) -> np.ndarray:

@@ -44,7 +44,7 @@ from mammo_tf.io import atomic_path, load_json
 DIHEDRAL = tuple(A.Transform(k=k, hflip=h) for h in (False, True) for k in range(4))
 # Which transforms each augmentation setting draws from (uniformly, as the tf.data pipeline's
 # random quarter turns and coin-flip mirrors do).
-ALLOWED = {"flips_rot90": tuple(range(8)), "left_right": (0, 4)}
+ALLOWED = {"flips_rot90": tuple(range(8)), "left_right": (0, 4), "none": (0,)}
 # Raw outputs kept per image: the default boxes with the highest foreground probability. The
 # rest are dropped as background (their scores are far below any reported detection's).
 TOP_TEST = 1000
@@ -56,8 +56,8 @@ def transforms_of(exp: Any) -> tuple[int, ...]:
     """Indices into `DIHEDRAL` the experiment's training augmentation draws from."""
     if not exp.augment:
         return (0,)
-    if exp.max_angle > 0:
-        raise ValueError("array export covers quarter turns and mirrors only: set max_angle: 0")
+    if exp.max_angle > 0 or exp.zoom_min_scale < 1:
+        raise ValueError("array export covers quarter turns and mirrors only: set max_angle: 0, zoom_min_scale: 1")
     return ALLOWED[exp.augment_ops]
 
 

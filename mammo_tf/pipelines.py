@@ -201,13 +201,16 @@ def crop_dataset(
     max_boxes: int = 4,
     cache: bool = True,
     films: FilmCache | None = None,
+    flips: bool = True,
+    zoom_min_scale: float = 1.0,
 ) -> "tf.data.Dataset":
     """Batches of (float32 crops (B, S, S, 1), {"boxes": (B, max_boxes, 4) normalised, "labels": (B, max_boxes)}).
 
     Boxes come from `patches.detection_crops` records, normalised by the crop size (model side);
     padding rows have box zeros and label 0 (background). Augmentation (random flips, 90-degree
     rotations unless ``rot90s=False``, up-down flips unless ``flips_up_down=False``, rotations up to
-    ``max_angle``) moves boxes with the image.
+    ``max_angle``; no flips with ``flips=False``; SSD's random crop, a zoom in by up to
+    ``1 / zoom_min_scale``, when that is below 1) moves boxes with the image.
     """
     import tensorflow as tf
 
@@ -234,7 +237,9 @@ def crop_dataset(
 
         def aug(xbl, s):
             x, b, l = xbl
-            x2, b2 = augment.tf_augment_with_boxes(x, b, s, max_angle=max_angle, rot90s=rot90s,
+            if zoom_min_scale < 1.0:
+                x, b, l = augment.tf_zoom_with_boxes(x, b, l, tf.reverse(s, [0]), zoom_min_scale)
+            x2, b2 = augment.tf_augment_with_boxes(x, b, s, max_angle=max_angle, rot90s=rot90s, flips=flips,
                                                    flips_up_down=flips_up_down)
             # Padding rows must stay zero whatever the transform did to them.
             return x2, b2 * tf.cast(l > 0, tf.float32)[:, None], l

@@ -161,6 +161,29 @@ def test_left_right_flips_only_mirror_the_image_and_its_box():
     assert seen == {(4.0, 10.0, 20.0, 30.0), (4.0, 18.0, 20.0, 38.0)}
 
 
+def test_zoom_keeps_the_first_lesion_and_moves_its_box_with_the_pixels():
+    import tensorflow as tf
+
+    box, image = _one_box_image()
+    boxes = np.vstack([box, [[40.0, 40.0, 46.0, 46.0]]]).astype(np.float32)  # a second box, in a corner
+    labels = np.array([1, 2], np.int32)
+    kept_second, sides = set(), set()
+    for s in range(16):
+        out, b, lab = A.tf_zoom_with_boxes(tf.constant(image), tf.constant(boxes), tf.constant(labels),
+                                           tf.constant([s, 3], tf.int64), min_scale=0.5)
+        out, b, lab = out.numpy()[..., 0], b.numpy(), lab.numpy()
+        assert out.shape == (48, 48) and lab[0] == 1  # the first box's centre is always in the window
+        # Bilinear resampling blurs the edge by up to a pixel.
+        np.testing.assert_allclose(_bbox(out > 0.5), b[0], atol=1.5)
+        side = b[0, 2] - b[0, 0]
+        assert 16.0 - 1e-4 <= side <= 32.0 + 1e-4  # zoomed in by 1x to 2x
+        sides.add(round(float(side), 1))
+        kept_second.add(int(lab[1]))
+        if lab[1] == 0:
+            assert not b[1].any()  # a dropped box is padding
+    assert kept_second == {0, 2} and len(sides) > 8  # the corner box is sometimes cut off; scales vary
+
+
 def test_augmentation_layers():
     layers = A.augmentation_layers(max_angle=30, seed=0)
     out = layers(np.zeros((2, 32, 32, 1), np.float32), training=True)

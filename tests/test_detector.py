@@ -278,6 +278,15 @@ def test_rows_name_crops_per_lesion_and_the_leaky_folds(tmp_path):
     assert f"LEAKY: random split of samples instead of by patient (leakage audit only); {len(metrics['folds'])} of 5 random folds" in oracle["note"]
 
 
+def test_augmentation_label_names_every_transform():
+    assert D._augmentation_label(D.DetectorExperiment(augment_ops="none", zoom_min_scale=0.5)) == "zoom in up to 2x"
+    assert D._augmentation_label(D.DetectorExperiment(augment_ops="left_right", max_angle=10)) == (
+        "left-right flips/rotation up to 10 deg")
+    assert D._augmentation_label(D.DetectorExperiment(augment_ops="none")) == "no augmentation"
+    with pytest.raises(ConfigError, match="zoom_min_scale"):
+        D.DetectorExperiment(zoom_min_scale=0.0)
+
+
 def test_rows_name_a_frozen_trunk_and_early_stopping(tmp_path):
     metrics = json.loads(Path("models/ssd_cnn300_crops_naive/metrics.json").read_text())
     metrics["experiment"]["ssd"].update(backbone="vgg16", weights="hed", freeze_through="block5_conv3")

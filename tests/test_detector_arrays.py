@@ -68,6 +68,8 @@ def test_training_batches_draw_transforms_and_keep_shapes(exported):
     assert len(ev) == -(-len(rows) // 4) and ev[0][0].shape[-1] == 3 and not ev.choice.any()
     with pytest.raises(ValueError, match="quarter turns and mirrors only"):
         X.transforms_of(D.DetectorExperiment(max_angle=10.0))
+    with pytest.raises(ValueError, match="quarter turns and mirrors only"):
+        X.transforms_of(D.DetectorExperiment(zoom_min_scale=0.5))
     assert X.transforms_of(D.DetectorExperiment(augment_ops="left_right")) == (0, 4)
     assert X.transforms_of(D.DetectorExperiment(augment=False)) == (0,)
 
