@@ -1,9 +1,9 @@
 """Geometric augmentation of films, patches and crops, with the same transforms applied to boxes.
 
 Transforms: rotation by multiples of 90 degrees, rotation by an arbitrary angle (reflect fill),
-horizontal (left-right) and vertical (up-down) flips, and SSD's random crop (a zoom in, `tf_zoom_with_boxes`). Angles are in degrees, counter-clockwise
-as the image is displayed (row 0 at the top), the convention of `numpy.rot90`, `tf.image.rot90`
-and `cv2.getRotationMatrix2D`.
+horizontal (left-right) and vertical (up-down) flips, and SSD's random crop (a zoom in,
+`tf_zoom_with_boxes`). Angles are in degrees, counter-clockwise as the image is displayed (row 0
+at the top), the convention of `numpy.rot90`, `tf.image.rot90` and `cv2.getRotationMatrix2D`.
 
 Two implementations of the image side:
 

@@ -238,6 +238,7 @@ def crop_dataset(
         def aug(xbl, s):
             x, b, l = xbl
             if zoom_min_scale < 1.0:
+                # The reversed pair is a seed of its own: zoom and flips are drawn independently.
                 x, b, l = augment.tf_zoom_with_boxes(x, b, l, tf.reverse(s, [0]), zoom_min_scale)
             x2, b2 = augment.tf_augment_with_boxes(x, b, s, max_angle=max_angle, rot90s=rot90s, flips=flips,
                                                    flips_up_down=flips_up_down)
