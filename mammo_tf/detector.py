@@ -685,9 +685,9 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
         "n_benign": ev["classes"]["benign"]["n_gt"],
         "n_malignant": ev["classes"]["malignant"]["n_gt"],
     }
-    # With the class ignored, AP measures the boxes alone: how much of the mAP gap is the class.
     # Images with a lesion against images without, scored by their best detection (cf. the classifiers' film AUC).
     flat["image_auc"] = safe_roc_auc([len(g["boxes"]) > 0 for g in ground_truths], image_scores(detections))
+    # With the class ignored, AP measures the boxes alone: how much of the mAP gap is the class.
     lesion_gts, lesion_dets = as_lesions(ground_truths, detections, nms_iou_threshold)
     flat["lesion_ap"] = lesion_ap(lesion_gts, lesion_dets, iou_threshold)
     for t in LESION_IOUS:
