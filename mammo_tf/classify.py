@@ -70,6 +70,8 @@ class ClassifierExperiment:
     augment: bool = True                      # random flips / 90-degree rotations of training patches
     max_angle: float = 0.0
     epoch_repeats: int = 1                    # passes over the (augmented) training patches per epoch
+    lesion_copies: int = 0                    # extra training patches per located lesion (training patients only)
+    lesion_jitter: int = 48                   # ... each with the lesion centre moved up to this many px per axis
     max_films: int | None = None              # small setting: a subset of patients
     leakage_audit: bool = False
     classifier: str = "cnn"                   # cnn (the small CNN, trained) | vgg16_probe (frozen VGG16 + logistic)
@@ -388,6 +390,9 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     own = records["own"]
     train, test = pipelines.split_records(own, tr_pat, test_pat)
     val, _ = pipelines.split_records(own, va_pat, test_pat)
+    if "lesion_copies" in records:
+        train = pd.concat([train, pipelines.split_records(records["lesion_copies"], tr_pat, test_pat)[0]],
+                          ignore_index=True)
     pipelines.assert_no_patient_leak(train, val, test)
     train = _subsample_normals(train, exp.normal_per_abnormal, exp.seed + k)
     # The validation patches get the training class mix: their loss is then comparable to the training
@@ -484,6 +489,25 @@ def _naive_split_audit(exp: ClassifierExperiment, ann: pd.DataFrame, films: patc
             "patients_on_both_sides": shared, "n_test": int(len(test))}
 
 
+def lesion_copies(ann: pd.DataFrame, exp: ClassifierExperiment, films: patches.FilmCache) -> pd.DataFrame:
+    """`exp.lesion_copies` abnormal patches per located lesion, each moved up to `exp.lesion_jitter` px off centre.
+
+    A grid patch holds its lesion anywhere, so these copies train on lesions off centre as well, and
+    give the few abnormal grid patches of a fold (about one per lesion) more company. Only patches
+    the label rule calls abnormal are kept; `run_fold` adds those of the training patients.
+    """
+    if exp.lesion_copies < 0:
+        raise ConfigError(f"lesion_copies must be >= 0, got {exp.lesion_copies}")
+    if exp.lesion_jitter < 0 or exp.lesion_jitter >= exp.size // 2:
+        raise ConfigError(f"lesion_jitter must be in 0..{exp.size // 2 - 1} (the lesion centre stays in the patch), "
+                          f"got {exp.lesion_jitter}")
+    # Seeds apart from the patch cuts' own (exp.seed + c), so no copy repeats a lesion_centred patch.
+    copies = [patches.cut_patches(ann, "lesion_centred", exp.size, jitter=exp.lesion_jitter, n_normal=0,
+                                  seed=exp.seed + 1000 + c, films=films) for c in range(exp.lesion_copies)]
+    pool = pd.concat(copies, ignore_index=True)
+    return pool[pool["label_id"] > 0].drop_duplicates(PATCH_KEY).reset_index(drop=True)
+
+
 def _films_subset(ann: pd.DataFrame, exp: ClassifierExperiment) -> list[str] | None:
     if exp.max_films is None:
         return None
@@ -508,8 +532,10 @@ def model_label(exp: ClassifierExperiment) -> str:
 
 
 def _cnn_recipe(exp: ClassifierExperiment) -> str:
+    copies = (f", +{exp.lesion_copies} off-centre lesion patches per lesion (up to {exp.lesion_jitter} px)"
+              if exp.lesion_copies else "")
     return training.schedule_label(from_dict(training.TrainConfig, exp.train)) + ", " + (
-        "flips/rot90" if exp.augment else "no augmentation")
+        "flips/rot90" if exp.augment else "no augmentation") + copies
 
 
 def combined_probe_label(exp: ClassifierExperiment) -> str:
@@ -668,6 +694,8 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
         # Whole-film scoring uses every breast patch, including those the label rule excludes.
         "whole": patches.cut_patches(ann, "grid_keep", exp.size, seed=exp.seed, films=films, drop_excluded=False),
     }
+    if exp.lesion_copies:
+        records["lesion_copies"] = lesion_copies(ann, exp, films)
     folds = splits.patient_folds(ann, n_splits=exp.folds, seed=exp.seed)
     n_run = min(exp.folds, exp.max_folds or exp.folds)
     bank = None

@@ -105,6 +105,7 @@ class DetectorExperiment:
     augment_ops: str = "flips_rot90"      # flips_rot90 | left_right (mirror images only: still plausible mammograms) | none
     max_angle: float = 0.0
     zoom_min_scale: float = 1.0           # < 1: SSD's random crop, a zoom in by up to 1 / zoom_min_scale (1: off)
+    max_shift: int = 0                    # crops: each epoch re-cuts a training crop up to this many px away (0: off)
     crops_per_lesion: int = 1
     n_normal: int | None = None           # crops protocol: normal crops in all (None: one per normal film)
     naive_split: bool = False
@@ -136,6 +137,9 @@ class DetectorExperiment:
             raise ConfigError(f"crops_per_lesion must be >= 1, got {self.crops_per_lesion}")
         if not 0.1 <= self.zoom_min_scale <= 1.0:
             raise ConfigError(f"zoom_min_scale must be in [0.1, 1], got {self.zoom_min_scale}")
+        if self.max_shift < 0 or (self.max_shift and self.protocol != "crops"):
+            raise ConfigError(f"max_shift must be >= 0, and is for the crops protocol only; got {self.max_shift} "
+                              f"with protocol {self.protocol!r}")
         if self.augment_ops not in AUGMENT_OPS:
             raise ConfigError(f"augment_ops must be one of {AUGMENT_OPS}, got {self.augment_ops!r}")
         if self.select_on not in SELECT_ON:
@@ -346,6 +350,7 @@ def detection_dataset(
     augment_ops: str = "flips_rot90",
     max_angle: float = 0.0,
     zoom_min_scale: float = 1.0,
+    max_shift: int = 0,
     match_iou: float = 0.5,
     variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
     channels: int = 1,
@@ -367,7 +372,7 @@ def detection_dataset(
     targets = ssd_targets_fn(anchor_cfg, match_iou, variances, ignore_iou)
     ds = crop_dataset(records, training=training, batch_size=1, seed=seed, augment_train=augment,
                       max_angle=max_angle, rot90s=augment_ops == "flips_rot90", flips=augment_ops != "none",
-                      flips_up_down=augment_ops == "flips_rot90", zoom_min_scale=zoom_min_scale,
+                      flips_up_down=augment_ops == "flips_rot90", zoom_min_scale=zoom_min_scale, max_shift=max_shift,
                       max_boxes=_max_boxes(records), films=films)
 
     def to_targets(x: tf.Tensor, y: dict) -> tuple:
@@ -483,7 +488,7 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
                       channels=ssd_cfg.input_channels, ignore_iou=exp.ignore_iou)
         train_ds = detection_dataset(fold.train, samples.films, anchors, training=True, seed=tcfg.seed + fold.index,
                                      augment=exp.augment, augment_ops=exp.augment_ops, max_angle=exp.max_angle,
-                                     zoom_min_scale=exp.zoom_min_scale, **common)
+                                     zoom_min_scale=exp.zoom_min_scale, max_shift=exp.max_shift, **common)
         val_ds = (detection_dataset(fold.val, samples.films, anchors, training=False, **common)
                   if len(fold.val) else None)
         trainer_cls = _trainer_class()
@@ -698,7 +703,24 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
 ROW_VALUES = {"benign AP": "benign_ap", "malignant AP": "malignant_ap", "mAP": "map", "mAP (VOC07 11-pt)": "map_11",
               "sens@1FP": "sens_at_1fp", "lesion AP (class ignored)": "lesion_ap",
               "lesion AP, IoU >= 0.1": "lesion_ap_iou0.1", "image AUC (best score)": "image_auc",
-              "train mAP (fit check)": "train_mAP"}
+              "train mAP (fit check)": "train_mAP", "train mAP, crops cut elsewhere": "train_recut_mAP"}
+
+# The seed offset of the re-cut training crops (crops protocol): the same lesions and normal films,
+# each crop at another position.
+RECUT_SEED_OFFSET = 101
+
+
+def recut_train_records(exp: DetectorExperiment, samples: Samples, fold: Fold) -> pd.DataFrame | None:
+    """The fold's training crops cut afresh at other seeded positions (crops protocol; else None).
+
+    A model that has learnt its training lesions finds them there about as well as in its own
+    crops; one that has memorised its crops does not.
+    """
+    if exp.protocol != "crops":
+        return None
+    ann = samples.annotations[samples.annotations["refnum"].isin(set(fold.train["refnum"]))]
+    return P.detection_crops(ann, exp.image_size, crops_per_lesion=exp.crops_per_lesion, n_normal=exp.n_normal,
+                             seed=exp.seed + RECUT_SEED_OFFSET, films=samples.films)
 
 
 def anchor_coverage(records: pd.DataFrame, anchor_cfg: Any, match_iou: float = 0.5) -> dict:
@@ -736,7 +758,7 @@ def _hardware(prov: dict) -> str:
 
 
 def saved_model_detections(exp: DetectorExperiment, samples: Samples, out_dir: str | Path) -> Callable[[Fold], dict]:
-    """``fold -> {"test": detections, "train": detections}`` (normalised boxes, record order) of each fold's saved model."""
+    """``fold -> {"test", "train"[, "train_recut"]: detections}`` (normalised boxes, record order) of each fold's saved model."""
 
     def detections(fold: Fold) -> dict[str, list[dict]]:
         fold_dir = Path(out_dir) / "folds" / f"fold{fold.index}"
@@ -746,9 +768,10 @@ def saved_model_detections(exp: DetectorExperiment, samples: Samples, out_dir: s
             raise ConfigError(f"{fold_dir}: this model trained on {len(seen)} of the fold's test films "
                               f"(e.g. {sorted(seen)[:3]}): it was trained with other folds; retrain it")
         batch, channels = exp.train_config().batch_size, exp.ssd_config().input_channels
-        # The training set too: does the model fit it? (No augmentation; a fit check, not a result.)
+        # The training set too: does the model fit it, and its lesions beyond its crops? (Fit checks, not results.)
+        splits = {"test": fold.test, "train": fold.train, "train_recut": recut_train_records(exp, samples, fold)}
         return {split: predict_batches(model, image_dataset(records, samples.films, batch, channels), anchors, exp)
-                for split, records in (("test", fold.test), ("train", fold.train))}
+                for split, records in splits.items() if records is not None and len(records)}
 
     return detections
 
@@ -790,6 +813,11 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         train_dets = _to_eval_pixels(exp, samples, fold.train, found["train"])
         flat["train_mAP"] = detection_metrics(_ground_truth(exp, fold.train, samples.annotations), train_dets,
                                               exp.iou_threshold, exp.nms_iou_threshold)[0]["map"]
+        if "train_recut" in found:
+            recut = recut_train_records(exp, samples, fold)
+            flat["train_recut_mAP"] = detection_metrics(
+                _ground_truth(exp, recut, samples.annotations), _to_eval_pixels(exp, samples, recut, found["train_recut"]),
+                exp.iou_threshold, exp.nms_iou_threshold)[0]["map"]
         model_metrics.append(flat)
         base_metrics.append(base)
         random_metrics.append(chance)
@@ -862,6 +890,8 @@ def _augmentation_label(exp: DetectorExperiment) -> str:
         ops.append(f"rotation up to {exp.max_angle:g} deg")
     if exp.zoom_min_scale < 1:
         ops.append(f"zoom in up to {1 / exp.zoom_min_scale:.2g}x")
+    if exp.max_shift:
+        ops.append(f"re-cut up to {exp.max_shift} px away")
     return "/".join(ops) or "no augmentation"
 
 
@@ -980,9 +1010,9 @@ def train_experiment(exp: DetectorExperiment, out_dir: str | Path, samples: Samp
     return info
 
 
-# Fields that change which folds run or what is drawn, never how a fold trains: a finished fold is
-# kept when only these differ (running 5 folds after 3 reuses the first 3).
-NOT_TRAINING_FIELDS = ("max_folds", "n_examples")
+# Fields that change which folds run, what is drawn or what the run is called, never how a fold
+# trains: a finished fold is kept when only these differ (running 5 folds after 3 reuses the first 3).
+NOT_TRAINING_FIELDS = ("name", "max_folds", "n_examples")
 
 
 def _training_key(exp: DetectorExperiment) -> dict:

@@ -89,8 +89,12 @@ def film_stack(refnums: Sequence[str], films: FilmCache | None = None) -> tuple[
     return np.stack([films.image(r) for r in order]), {r: i for i, r in enumerate(order)}
 
 
-def _windows(records: pd.DataFrame, films: FilmCache | None):
-    """Dataset of (uint8 window (size, size, 1), row index) sliced from the in-memory film stack."""
+def _windows(records: pd.DataFrame, films: FilmCache | None, shifts: np.ndarray | None = None, seed: int = 0):
+    """Dataset of (uint8 window (size, size, 1), row index, origin offset (2,)) sliced from the in-memory film stack.
+
+    ``shifts`` (N, 4) int ``[lo_y, hi_y, lo_x, hi_x]``: each time the dataset is iterated, window i
+    moves by an offset drawn uniformly from its range (see :func:`shift_ranges`); without, offsets are 0.
+    """
     import tensorflow as tf
 
     size = _single_size(records)
@@ -101,13 +105,46 @@ def _windows(records: pd.DataFrame, films: FilmCache | None):
     lefts = records["left"].to_numpy(np.int32)
     if (tops < 0).any() or (lefts < 0).any() or (tops + size > stack.shape[1]).any() or (lefts + size > stack.shape[2]).any():
         raise ValueError("some records fall outside their film")
+    ranges = np.zeros((len(records), 4), np.int32) if shifts is None else np.asarray(shifts, np.int32)
 
-    def window(i, t, l, row):
-        return tf.slice(stack_t, tf.stack([i, t, l, 0]), [1, size, size, 1])[0], row
+    def window(i, t, l, row, r, s):
+        lo, hi = tf.stack([r[0], r[2]]), tf.stack([r[1], r[3]])
+        # Folded, so that the shift is drawn apart from the augmentation that uses the same stream.
+        u = tf.random.stateless_uniform([2], tf.random.experimental.stateless_fold_in(s, 1))
+        offset = lo + tf.cast(tf.floor(u * tf.cast(hi - lo + 1, tf.float32)), tf.int32)
+        offset = tf.minimum(offset, hi)  # u == 1 would step one past the range
+        origin = tf.stack([i, t + offset[0], l + offset[1], 0])
+        return tf.slice(stack_t, origin, [1, size, size, 1])[0], row, offset
 
     rows = np.arange(len(records), dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((film_idx, tops, lefts, rows))
-    return ds.map(window, num_parallel_calls=tf.data.AUTOTUNE), size
+    ds = tf.data.Dataset.from_tensor_slices((film_idx, tops, lefts, rows, ranges))
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(lambda a, s: window(*a, s), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds, size
+
+
+def shift_ranges(crops: pd.DataFrame, max_shift: int, film_shape: tuple[int, int]) -> np.ndarray:
+    """Per crop, the origin offsets ``[lo_y, hi_y, lo_x, hi_x]`` (at most ``max_shift`` px) that keep it in its film and its boxes whole.
+
+    Every box the crop carries stays wholly inside the moved crop. Along an axis where a box
+    touches the crop's edge (it was clipped, or is larger than the crop) the crop does not move:
+    the box's true edge lies outside, and a shift would misplace it.
+    """
+    size = _single_size(crops)
+    out = np.zeros((len(crops), 4), np.int32)
+    for i, (top, left, boxes) in enumerate(zip(crops["top"], crops["left"], crops["boxes"])):
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+        for axis, origin, n in ((0, top, film_shape[0]), (1, left, film_shape[1])):
+            lo, hi = max(-max_shift, -int(origin)), min(max_shift, n - size - int(origin))
+            if len(b):
+                near, far = b[:, axis], b[:, axis + 2]
+                if (near <= 0).any() or (far >= size).any():
+                    lo = hi = 0
+                else:
+                    # The box moves by -offset: its near edge must stay >= 0 and its far edge <= size.
+                    lo, hi = max(lo, int(np.ceil(far.max() - size))), min(hi, int(np.floor(near.min())))
+            out[i, 2 * axis: 2 * axis + 2] = (lo, hi) if lo <= hi else (0, 0)
+    return out
 
 
 def patch_dataset(
@@ -141,7 +178,7 @@ def patch_dataset(
     _check_labels(labels, n_classes)
     ds, size = _windows(records, films)
     labels_t = tf.constant(labels.astype(np.int32))
-    ds = ds.map(lambda x, row: (x, tf.gather(labels_t, row)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, row, _: (x, tf.gather(labels_t, row)), num_parallel_calls=tf.data.AUTOTUNE)
     if cache:
         ds = ds.cache()
     if training:
@@ -203,6 +240,7 @@ def crop_dataset(
     films: FilmCache | None = None,
     flips: bool = True,
     zoom_min_scale: float = 1.0,
+    max_shift: int = 0,
 ) -> "tf.data.Dataset":
     """Batches of (float32 crops (B, S, S, 1), {"boxes": (B, max_boxes, 4) normalised, "labels": (B, max_boxes)}).
 
@@ -210,7 +248,10 @@ def crop_dataset(
     padding rows have box zeros and label 0 (background). Augmentation (random flips, 90-degree
     rotations unless ``rot90s=False``, up-down flips unless ``flips_up_down=False``, rotations up to
     ``max_angle``; no flips with ``flips=False``; SSD's random crop, a zoom in by up to
-    ``1 / zoom_min_scale``, when that is below 1) moves boxes with the image.
+    ``1 / zoom_min_scale``, when that is below 1) moves boxes with the image. With ``max_shift``,
+    each training crop is cut afresh every epoch, its origin moved by up to that many pixels in the
+    film (:func:`shift_ranges`: its boxes stay whole inside), so the network never sees one
+    lesion at the same position twice.
     """
     import tensorflow as tf
 
@@ -224,10 +265,20 @@ def crop_dataset(
         if len(b):
             boxes[i, : len(b)] = np.asarray(b, np.float32)
             labels[i, : len(l)] = l
-    ds, _ = _windows(crops, films)
+    shifting = training and augment_train and max_shift > 0
+    films = films if films is not None else FilmCache()
+    shifts = shift_ranges(crops, max_shift, films.image(crops["refnum"].iloc[0]).shape[:2]) if shifting else None
+    ds, _ = _windows(crops, films, shifts, seed=seed)
     boxes_t, labels_t = tf.constant(boxes), tf.constant(labels)
-    ds = ds.map(lambda x, row: (x, tf.gather(boxes_t, row), tf.gather(labels_t, row)), num_parallel_calls=tf.data.AUTOTUNE)
-    if cache:
+
+    def with_boxes(x, row, offset):
+        b, lab = tf.gather(boxes_t, row), tf.gather(labels_t, row)
+        moved = b - tf.cast(tf.tile(offset, [2]), tf.float32)
+        # Padding rows stay zero.
+        return x, moved * tf.cast(lab > 0, tf.float32)[:, None], lab
+
+    ds = ds.map(with_boxes, num_parallel_calls=tf.data.AUTOTUNE)
+    if cache and not shifting:  # a cache would freeze the first epoch's shifts
         ds = ds.cache()
     if training:
         ds = ds.shuffle(len(crops), seed=seed, reshuffle_each_iteration=True)

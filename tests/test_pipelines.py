@@ -135,3 +135,54 @@ def test_crop_dataset(annotations, films):
         b = target["boxes"].numpy()
         assert ((b >= 0) & (b <= 1)).all()
         assert (b[target["labels"].numpy() == 0] == 0).all()
+    # Re-cut crops (no other augmentation, no shuffle effect on the check): boxes move whole, sizes unchanged.
+    shifted = PL.crop_dataset(crops, training=True, batch_size=len(crops), films=films, max_shift=100, flips=False,
+                              rot90s=False, flips_up_down=False)
+    _, target = next(iter(shifted))
+    b, lab = target["boxes"].numpy() * 300, target["labels"].numpy()
+    assert ((b >= 0) & (b <= 300)).all() and (b[lab == 0] == 0).all()
+    sides = sorted(np.round(np.concatenate([bb[ll > 0, 2:] - bb[ll > 0, :2] for bb, ll in zip(b, lab)]), 2).tolist())
+    expected = sorted(np.round(np.concatenate([np.asarray(r, np.float32).reshape(-1, 4)[:, 2:]
+                                               - np.asarray(r, np.float32).reshape(-1, 4)[:, :2]
+                                               for r in crops["boxes"] if len(r)]), 2).tolist())
+    assert sides == expected
+
+
+def test_shift_ranges_keep_the_crop_in_its_film_and_its_boxes_whole():
+    crops = pd.DataFrame({
+        "refnum": ["a", "a", "a", "a"], "top": [10, 500, 500, 0], "left": [500, 900, 500, 0], "size": [100] * 4,
+        "boxes": [[[20.0, 30.0, 60.0, 70.0]], [], [[0.0, 40.0, 50.0, 60.0]], [[10.0, 10.0, 90.0, 99.0], [5.0, 5.0, 20.0, 20.0]]],
+        "box_labels": [[1], [], [2], [1, 2]],
+    })
+    got = PL.shift_ranges(crops, 50, (1024, 1024))
+    # Crop 0: y from -10 (film top) to 20 (box top edge); x from -30 (box right edge 70 -> 100) to 30 (box left).
+    assert got[0].tolist() == [-10, 20, -30, 30]
+    # Crop 1, no box: +-50 clipped by the film (left 900 + 100 leaves 24 px to the right).
+    assert got[1].tolist() == [-50, 50, -50, 24]
+    # Crop 2: the box touches the top edge (clipped): no move along y; x between 60 - 100 and 40.
+    assert got[2].tolist() == [0, 0, -40, 40]
+    # Crop 3: the film corner and two boxes: y in [max(-0, 90 - 100), min(10, 5)] = [0, 5]; x touches 99 < 100.
+    assert got[3].tolist() == [0, 5, 0, 5]
+
+
+def test_crop_dataset_shift_recuts_each_epoch_and_moves_the_box_with_the_lesion():
+    film = np.zeros((400, 400), np.uint8)
+    film[180:220, 150:210] = 255  # the "lesion": its box is (180, 150, 220, 210) in film pixels
+    films = P.FilmCache(load_image={"f": film}.__getitem__)
+    top, left = 120, 100
+    crops = pd.DataFrame({"refnum": ["f"], "patient_id": [1], "top": [top], "left": [left], "size": [128],
+                          "boxes": [[[60.0, 50.0, 100.0, 110.0]]], "box_labels": [[1]]})
+    ds = PL.crop_dataset(crops, training=True, batch_size=1, films=films, flips=False, rot90s=False,
+                         flips_up_down=False, max_shift=40, seed=3)
+    boxes = []
+    for _ in range(6):  # six epochs
+        x, target = next(iter(ds))
+        img, b = x.numpy()[0, ..., 0], target["boxes"].numpy()[0, 0] * 128
+        ys, xs = np.nonzero(img > 0.5)
+        # The box is exactly where the bright square went.
+        np.testing.assert_allclose(b, [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], atol=1e-4)
+        boxes.append(tuple(b))
+    assert len(set(boxes)) > 1
+    # Without training (or with max_shift 0) the crop stays where the record put it.
+    x, target = next(iter(PL.crop_dataset(crops, batch_size=1, films=films, max_shift=40)))
+    np.testing.assert_allclose(target["boxes"].numpy()[0, 0] * 128, [60, 50, 100, 110], atol=1e-4)
