@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammo_tf import baselines, patches, pipelines, training
+from mammo_tf import baselines, bilateral, patches, pipelines, training
 from mammo_tf.config import ConfigError, from_dict, keep_training_provenance, load_config, provenance, save_config
 from mammo_tf.data import mias, splits
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
@@ -416,14 +416,20 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     for name, frame in (("own", test), ("grid", pipelines.split_records(records["grid"], tr_pat, test_pat)[1])):
         frame = frame[frame["label_id"] >= 0]
         y = frame["label_id"].to_numpy()
-        result[f"patch_{name}"] = {
-            key: _report(y, predict(frame)),
-            "majority": _report(y, baselines.majority_proba(train["label_id"].to_numpy(), len(y))),
-            "logistic": _report(y, baselines.logistic_proba(
-                x_train, train["label_id"].to_numpy(), baselines.intensity_features(_patch_pixels(frame, films)))),
-        }
+        probas = {key: predict(frame), "logistic": baselines.logistic_proba(
+            x_train, train["label_id"].to_numpy(), baselines.intensity_features(_patch_pixels(frame, films)))}
         if combined is not None:
-            result[f"patch_{name}"]["probe_intensity"] = _report(y, combined(frame))
+            probas["probe_intensity"] = combined(frame)
+        result[f"patch_{name}"] = {
+            key: _report(y, probas[key]),
+            "majority": _report(y, baselines.majority_proba(train["label_id"].to_numpy(), len(y))),
+            **{model: _report(y, proba) for model, proba in probas.items() if model != key}}
+        if name == "grid":
+            # Kept per patch for the patient bootstrap of the model-minus-baseline AUC (`paired_bootstrap`).
+            with atomic_path(fold_dir / "patch_predictions.csv") as tmp:
+                frame[["refnum", "patient_id", "label_id"]].assign(
+                    **{f"score_{model}": 1.0 - proba[:, 0] for model, proba in probas.items()}, fold=k).to_csv(
+                    tmp, index=False)
     # Whole mammogram: every grid patch over the breast, labelled or not.
     whole = records["whole"]
     test_whole = whole[whole["patient_id"].isin(test_pat)]
@@ -437,15 +443,15 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     rule, val_aucs = choose_film_rule(val_whole, predict(val_whole), film_labels)
     chosen = film_scores(test_whole, test_proba, rule)
     result["film_rule"] = {"chosen": rule, "validation_abnormal_auc": val_aucs, "n_validation_films": int(val_whole["refnum"].nunique())}
+    film_logistic = baselines.logistic_proba(_film_features(train_films, films), film_labels.loc[train_films].to_numpy(),
+                                             _film_features(list(scores.index), films))
     result["image"] = {
         key: _report(y_film, scores[list(mias.CLASSES)].to_numpy()),
         f"{key}_film_rule": _report(y_film, chosen[list(mias.CLASSES)].to_numpy()),
         "majority": _report(y_film, baselines.majority_proba(film_labels.loc[train_films].to_numpy(), len(y_film))),
-        "logistic": _report(y_film, baselines.logistic_proba(
-            _film_features(train_films, films), film_labels.loc[train_films].to_numpy(),
-            _film_features(list(scores.index), films))),
+        "logistic": _report(y_film, film_logistic),
     }
-    extra = {}
+    extra = {"score_logistic": 1.0 - film_logistic[:, 0]}
     if combined is not None:
         result["image"]["probe_intensity"] = _report(
             y_film, film_scores(test_whole, combined(test_whole))[list(mias.CLASSES)].to_numpy())
@@ -457,8 +463,8 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
         result["image"]["probe_film"] = _report(y_film, film_proba)
         extra["score_probe_film"] = 1.0 - film_proba[:, 0]
     per_rule = {f"score_{r}": film_scores(test_whole, test_proba, r)["abnormal_score"] for r in FILM_RULES}
-    scores.assign(**per_rule, **extra, chosen_rule=rule, label_id=y_film, fold=k).to_csv(
-        fold_dir / "film_predictions.csv", index_label="refnum")
+    with atomic_path(fold_dir / "film_predictions.csv") as tmp:
+        scores.assign(**per_rule, **extra, chosen_rule=rule, label_id=y_film, fold=k).to_csv(tmp, index_label="refnum")
     return result
 
 
@@ -468,6 +474,10 @@ def _naive_split_audit(exp: ClassifierExperiment, ann: pd.DataFrame, films: patc
 
     from mammo_tf.models import classifier as clf
 
+    stored = out / "naive_split" / "audit.json"
+    if stored.is_file():
+        # Its model is not kept: re-evaluating the run reports the audit it trained, not a retrained one.
+        return load_json(stored)
     copies = [patches.cut_patches(ann, exp.strategy, exp.size, seed=exp.seed + c, films=films,
                                   refnums=_films_subset(ann, exp), **{**exp.patch_options, "jitter": 24})
               for c in range(4)]
@@ -485,8 +495,10 @@ def _naive_split_audit(exp: ClassifierExperiment, ann: pd.DataFrame, films: patc
         pipelines.patch_dataset(val.reset_index(drop=True), training=False, **kw), tcfg, out / "naive_split",
         class_weight=pipelines.class_weights(train), verbose=2)
     shared = len(set(train["patient_id"]) & set(test["patient_id"]))
-    return {"cnn": _report(test["label_id"].to_numpy(), _predict(model, test.reset_index(drop=True), films, tcfg.batch_size)),
-            "patients_on_both_sides": shared, "n_test": int(len(test))}
+    audit = {"cnn": _report(test["label_id"].to_numpy(), _predict(model, test.reset_index(drop=True), films, tcfg.batch_size)),
+             "patients_on_both_sides": shared, "n_test": int(len(test))}
+    save_json(stored, audit)
+    return audit
 
 
 def lesion_copies(ann: pd.DataFrame, exp: ClassifierExperiment, films: patches.FilmCache) -> pd.DataFrame:
@@ -550,7 +562,8 @@ def film_probe_label(exp: ClassifierExperiment) -> str:
             "on film labels")
 
 
-def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict] | None = None) -> list[dict]:
+def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict] | None = None,
+          bootstrap: dict | None = None) -> list[dict]:
     leak = exp.strategy == "lesion_centred"
     key = MODEL_KEYS[exp.classifier]
     hardware = f"{prov['hardware']['cpu']} ({prov['hardware']['cpu_count']} cores), GPUs: {prov['hardware']['gpus']}"
@@ -603,7 +616,7 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
                      "values": values_of("image", "probe_film"),
                      "note": f"trained on training patients' films, C per fold {c_values} chosen on validation patients; "
                              f"n_folds={summary.get('n_folds', '?')}", **common})
-    rows += _paired_rows(exp, label, folds or [], common)
+    rows += _paired_rows(exp, label, folds or [], common, bootstrap or {})
     from mammo_tf.models import classifier as clf
 
     if exp.classifier == "cnn":
@@ -622,9 +635,33 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
 
 
 PAIRED_TABLE = "Classification: model minus the logistic baseline, paired by patient fold"
+PAIRED_CI = "Δ abnormal AUC, 95 % CI (test patients resampled)"
+BOOTSTRAP_DRAWS = 2000
+def paired_bootstrap(exp_dir: str | Path, n_folds: int, key: str = "cnn", n_boot: int = BOOTSTRAP_DRAWS,
+                     seed: int = 0) -> dict:
+    """Model minus logistic abnormal AUC over folds, with a CI from resampling test patients within each fold."""
+    out: dict[str, dict] = {}
+    # The stored per-fold predictions: each level's file, and the column of each model's abnormal score in it.
+    files = {"patch_grid": ("patch_predictions.csv", {key: f"score_{key}", "probe_intensity": "score_probe_intensity"}),
+             "image": ("film_predictions.csv", {key: "abnormal_score", "probe_film": "score_probe_film"})}
+    for level, (name, columns) in files.items():
+        paths = [Path(exp_dir) / f"fold{k}" / name for k in range(n_folds)]
+        if not all(p.is_file() for p in paths):
+            continue
+        frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+        if "score_logistic" not in frame:
+            continue
+        patients = frame["patient_id"] if "patient_id" in frame else frame["refnum"].map(bilateral.patient_of)
+        for model, column in columns.items():
+            if column in frame:
+                out.setdefault(level, {})[model] = cm.bootstrap_auc_ci(
+                    frame["label_id"].to_numpy() != 0, frame[column], groups=patients.to_numpy(), n_boot=n_boot,
+                    seed=seed, baseline=frame["score_logistic"], strata=frame["fold"].to_numpy())
+    return out
 
 
-def _paired_rows(exp: ClassifierExperiment, label: str, folds: list[dict], common: dict) -> list[dict]:
+def _paired_rows(exp: ClassifierExperiment, label: str, folds: list[dict], common: dict,
+                 bootstrap: dict) -> list[dict]:
     """Model minus logistic regression fold by fold: the spread of a difference on shared folds, not of two means."""
     key = MODEL_KEYS[exp.classifier]
     rows = []
@@ -642,8 +679,13 @@ def _paired_rows(exp: ClassifierExperiment, label: str, folds: list[dict], commo
         values: dict[str, Any] = {col: [d["mean"], d["std"]] if d["n"] > 1 else d["mean"] for col, d in diffs.items()}
         abnormal = diffs["Δ abnormal AUC"]
         values["folds model ahead (abnormal AUC)"] = f"{abnormal['ahead']}/{abnormal['n']}"
-        rows.append({"table": PAIRED_TABLE, "row": row, "values": values,
-                     "note": "mean ± std over folds of the per-fold difference; > 0: model ahead", **common})
+        note = "mean ± std over folds of the per-fold difference; > 0: model ahead"
+        ci = bootstrap.get(level, {}).get(model)
+        if ci:
+            values[PAIRED_CI] = f"[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+            note += (f"; CI: {ci['n_valid']} resamples of the {ci['n_units']} test patients, each fold's "
+                     "resampled within it, mean over folds of the difference")
+        rows.append({"table": PAIRED_TABLE, "row": row, "values": values, "note": note, **common})
     return rows
 
 
@@ -652,7 +694,8 @@ def refresh_rows(exp_dir: str | Path) -> list[dict]:
     path = Path(exp_dir) / "metrics.json"
     metrics = load_json(path)
     exp = from_dict(ClassifierExperiment, metrics["experiment"])
-    metrics["results"] = _rows(metrics["summary"], exp, metrics["provenance"], metrics.get("folds"))
+    metrics["results"] = _rows(metrics["summary"], exp, metrics["provenance"], metrics.get("folds"),
+                               metrics.get("paired_bootstrap"))
     save_json(path, metrics)
     return metrics["results"]
 
@@ -713,8 +756,10 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     prov["wall_time_s"] = round(time.perf_counter() - t0, 1)
     if not any(r["trained_here"] for r in fold_results):
         keep_training_provenance(prov, out / "metrics.json")
+    bootstrap = paired_bootstrap(out, n_run, MODEL_KEYS[exp.classifier], seed=exp.seed)
     metrics = {"experiment": dataclasses.asdict(exp), "summary": summary, "folds": fold_results,
-               "provenance": prov, "results": _rows(summary, exp, prov, fold_results)}
+               "paired_bootstrap": bootstrap, "provenance": prov,
+               "results": _rows(summary, exp, prov, fold_results, bootstrap)}
     save_json(out / "metrics.json", metrics)
     _figures(out, fold_results, cplots, MODEL_KEYS[exp.classifier])
     return metrics

@@ -81,7 +81,7 @@ def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     exp = from_dict(classify.ClassifierExperiment, load_config(model_dir / "config.yaml"))
-    missing = [k for k in range(min(exp.folds, exp.max_folds or exp.folds)) if not (model_dir / f"fold{k}" / "model.keras").is_file()]
+    missing = [k for k in range(min(exp.folds, exp.max_folds or exp.folds)) if not classify.is_trained_fold(model_dir / f"fold{k}")]
     if missing:
         print(f"mammo-tf: error: {model_dir} has no trained model for folds {missing}", file=sys.stderr)
         return 2

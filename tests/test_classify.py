@@ -138,3 +138,12 @@ def test_lesion_copies_are_abnormal_off_centre_patches_within_the_jitter(annotat
     assert own[["top", "left"]].drop_duplicates().shape[0] > 1
     with pytest.raises(ConfigError, match="lesion_jitter"):
         classify.lesion_copies(ann, classify.ClassifierExperiment(lesion_copies=2, lesion_jitter=64), films)
+
+
+def test_the_naive_split_audit_is_reported_as_trained_not_retrained(tmp_path):
+    from mammo_tf.io import save_json
+
+    stored = {"cnn": {"macro_roc_auc": 0.81}, "patients_on_both_sides": 40, "n_test": 261}
+    save_json(tmp_path / "naive_split" / "audit.json", stored)
+    # No annotations and no films: a re-evaluation must not cut patches or train.
+    assert classify._naive_split_audit(classify.ClassifierExperiment(), None, None, tmp_path) == stored

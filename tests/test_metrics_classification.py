@@ -105,6 +105,32 @@ def test_bootstrap_skips_single_class_resamples():
         bootstrap_auc_ci(y, np.arange(10.0), groups=[1, 2])
 
 
+def test_bootstrap_paired_difference_and_strata():
+    rng = np.random.default_rng(2)
+    y = np.tile(np.r_[np.zeros(10), np.ones(10)].astype(int), 2)
+    fold = np.repeat([0, 1], 20)
+    good = y * 0.8 + rng.uniform(0, 1, 40)
+    weak = y * 0.1 + rng.uniform(0, 1, 40)
+    # A score against itself differs by exactly zero on every resample.
+    same = bootstrap_auc_ci(y, good, baseline=good, strata=fold, n_boot=50, seed=0)
+    assert (same["auc_difference"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+    r = bootstrap_auc_ci(y, good, baseline=weak, groups=np.arange(40) // 2, strata=fold, n_boot=300, seed=1)
+    # The point estimate is the mean over folds of the per-fold AUC differences, as the fold tables report.
+    per_fold = [roc_auc_score(y[fold == k], good[fold == k]) - roc_auc_score(y[fold == k], weak[fold == k])
+                for k in (0, 1)]
+    assert r["auc_difference"] == pytest.approx(np.mean(per_fold))
+    assert 0.0 < r["ci_low"] < r["auc_difference"] < r["ci_high"]
+    # 10 patients a fold, 5 of each class: a one-class resample of a fold (p = 2 / 2 ** 10) is skipped.
+    assert r["n_units"] == 20 and 290 <= r["n_valid"] < 300
+    # Resampling within folds keeps each fold's own patients: one fold's AUC alone is what a single stratum gives.
+    alone = bootstrap_auc_ci(y[fold == 0], good[fold == 0], n_boot=50, seed=0)
+    assert alone["auc"] == pytest.approx(roc_auc_score(y[fold == 0], good[fold == 0]))
+    with pytest.raises(ValueError, match="strata must have one entry per sample"):
+        bootstrap_auc_ci(y, good, strata=[0, 1])
+    with pytest.raises(ValueError, match="same length"):
+        bootstrap_auc_ci(y, good, baseline=weak[:5])
+
+
 def test_summarise_folds_mean_std_n():
     folds = [
         {"acc": 0.5, "auc": {"benign": 0.75}, "name": "fold0", "cm": [[1, 2]], "ok": True},

@@ -1,5 +1,7 @@
 """The linear probe: frozen VGG16 pooled features under a logistic regression."""
 
+import json
+
 import keras
 import numpy as np
 import pandas as pd
@@ -104,6 +106,18 @@ def test_probe_experiment_on_real_films_reports_beside_the_baselines(tiny_probe_
     films = pd.read_csv(tmp_path / "fold0" / "film_predictions.csv")
     assert films["score_probe_film"].between(0, 1).all() and len(films) == fold["image"]["probe"]["n"]
     assert (tmp_path / "roc_image_level.png").is_file() and not (tmp_path / "training_curves.png").exists()
+    # Per-patch test scores are kept, and give the paired model-minus-logistic interval beside the fold table.
+    patches = pd.read_csv(tmp_path / "fold0" / "patch_predictions.csv")
+    assert len(patches) == fold["patch_grid"]["probe"]["n"]
+    assert {"patient_id", "label_id", "score_probe", "score_logistic", "score_probe_intensity"} <= set(patches)
+    ci = metrics["paired_bootstrap"]["patch_grid"]["probe"]
+    assert ci["auc_difference"] == pytest.approx(fold["patch_grid"]["probe"]["abnormal_vs_normal_auc"]
+                                                 - fold["patch_grid"]["logistic"]["abnormal_vs_normal_auc"])
+    assert ci["n_units"] == patches["patient_id"].nunique() and ci["ci_low"] <= ci["auc_difference"] <= ci["ci_high"]
+    (paired,) = [r for r in metrics["results"] if r["table"] == classify.PAIRED_TABLE
+                 and r["row"] == f"{label}, grid_keep test patches"]
+    assert paired["values"][classify.PAIRED_CI] == f"[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+    assert set(metrics["paired_bootstrap"]["image"]) == {"probe", "probe_film"}
     # The saved probe is the fitted one: it reproduces the fit check on the training patches.
     assert probe.load_probe(tmp_path / "fold0" / "probe.npz").named_steps["logisticregression"].C == fold["probe"]["C"]
 
@@ -163,3 +177,13 @@ def test_feature_bank_reuses_its_cache_and_rebuilds_a_damaged_one(tmp_path, monk
     again = classify.FeatureBank([records.iloc[:8]], films, 128, ONE_LAYER, verbose=False)
     assert calls == [3, 8]
     np.testing.assert_allclose(again(records.iloc[:8]), both(records.iloc[:8]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_probe_run_is_re_evaluated_by_the_cli_with_the_same_numbers(tiny_probe_run):
+    from mammo_tf import cli
+
+    tmp_path, metrics = tiny_probe_run
+    assert cli.main(["evaluate-classifier", "--model", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert again["summary"]["patch_grid.probe.abnormal_vs_normal_auc"] == metrics["summary"]["patch_grid.probe.abnormal_vs_normal_auc"]
+    assert again["paired_bootstrap"] == pytest.approx(metrics["paired_bootstrap"])

@@ -117,47 +117,66 @@ def bootstrap_auc_ci(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    baseline: ArrayLike | None = None,
+    strata: ArrayLike | None = None,
 ) -> dict[str, Any]:
-    """Percentile bootstrap CI of a binary ROC AUC, resampling whole groups (patients) when given.
+    """Percentile bootstrap CI of a binary ROC AUC (or of AUC minus a baseline's), resampling whole groups.
 
-    Resamples that contain a single class have no AUC and are skipped; ``n_valid`` counts the
-    rest. The unit of resampling is the group: a patient's films enter or leave together.
+    With ``baseline`` (a second score for the same samples) the statistic is the paired difference
+    ``AUC(score) - AUC(baseline)``, both computed on each resample. With ``strata`` (e.g. the
+    cross-validation fold of every sample), groups are resampled within their stratum and the
+    statistic is the mean of the per-stratum values, as a mean over folds is. Resamples in which
+    a stratum holds a single class have no AUC and are skipped; ``n_valid`` counts the rest.
     """
     y, s = _binary(y_true, score)
+    b = None if baseline is None else _binary(y, baseline)[1]
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if groups is None:
-        units = [np.array([i]) for i in range(len(y))]
-    else:
-        g = np.asarray(groups).reshape(-1)
-        if g.shape != y.shape:
-            raise ValueError(f"groups must have one entry per sample: {g.shape[0]} != {y.shape[0]}")
-        _, inverse = np.unique(g, return_inverse=True)
+    g = np.arange(len(y)) if groups is None else np.asarray(groups).reshape(-1)
+    st = np.zeros(len(y), dtype=int) if strata is None else np.asarray(strata).reshape(-1)
+    for name, values in (("groups", g), ("strata", st)):
+        if values.shape != y.shape:
+            raise ValueError(f"{name} must have one entry per sample: {values.shape[0]} != {y.shape[0]}")
+    # The unit of resampling is the group (a patient's patches enter or leave together), within its stratum.
+    strata_units = []
+    for stratum in np.unique(st):
+        members = np.flatnonzero(st == stratum)
+        _, inverse = np.unique(g[members], return_inverse=True)
         order = np.argsort(inverse, kind="stable")
-        units = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
-    point = safe_roc_auc(y, s)
+        strata_units.append([members[u] for u in np.split(order, np.cumsum(np.bincount(inverse))[:-1])])
+
+    def statistic(parts: list[np.ndarray]) -> float:
+        values = []
+        for idx in parts:
+            if y[idx].min() == y[idx].max():
+                return float("nan")
+            auc = roc_auc_score(y[idx], s[idx])
+            values.append(auc - roc_auc_score(y[idx], b[idx]) if b is not None else auc)
+        return float(np.mean(values))
+
+    point = statistic([np.concatenate(units) for units in strata_units])
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
-        idx = np.concatenate([units[u] for u in rng.integers(0, len(units), size=len(units))])
-        yb = y[idx]
-        if yb.min() == yb.max():
-            continue
-        boots.append(roc_auc_score(yb, s[idx]))
+        parts = [np.concatenate([units[u] for u in rng.integers(0, len(units), size=len(units))])
+                 for units in strata_units]
+        value = statistic(parts)
+        if not math.isnan(value):
+            boots.append(value)
     if boots:
         low, high = np.quantile(boots, [alpha / 2.0, 1.0 - alpha / 2.0])
     else:
         low = high = float("nan")
     return {
-        "auc": point,
+        "auc" if b is None else "auc_difference": point,
         "ci_low": float(low),
         "ci_high": float(high),
         "alpha": float(alpha),
         "n_boot": int(n_boot),
         "n_valid": len(boots),
-        "n_units": len(units),
+        "n_units": sum(len(units) for units in strata_units),
     }
 
 
