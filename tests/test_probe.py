@@ -185,5 +185,9 @@ def test_a_probe_run_is_re_evaluated_by_the_cli_with_the_same_numbers(tiny_probe
     tmp_path, metrics = tiny_probe_run
     assert cli.main(["evaluate-classifier", "--model", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
-    assert again["summary"]["patch_grid.probe.abnormal_vs_normal_auc"] == metrics["summary"]["patch_grid.probe.abnormal_vs_normal_auc"]
-    assert again["paired_bootstrap"] == pytest.approx(metrics["paired_bootstrap"])
+    for key in ("patch_grid.probe.abnormal_vs_normal_auc", "image.probe_film.abnormal_vs_normal_auc"):
+        assert again["summary"][key]["mean"] == pytest.approx(metrics["summary"][key]["mean"], abs=1e-9)
+    for level, model in (("patch_grid", "probe"), ("image", "probe_film")):
+        before, after = metrics["paired_bootstrap"][level][model], again["paired_bootstrap"][level][model]
+        assert [after[k] for k in ("auc_difference", "ci_low", "ci_high")] == pytest.approx(
+            [before[k] for k in ("auc_difference", "ci_low", "ci_high")], abs=1e-9)
