@@ -637,6 +637,8 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
 PAIRED_TABLE = "Classification: model minus the logistic baseline, paired by patient fold"
 PAIRED_CI = "Δ abnormal AUC, 95 % CI (test patients resampled)"
 BOOTSTRAP_DRAWS = 2000
+
+
 def paired_bootstrap(exp_dir: str | Path, n_folds: int, key: str = "cnn", n_boot: int = BOOTSTRAP_DRAWS,
                      seed: int = 0) -> dict:
     """Model minus logistic abnormal AUC over folds, with a CI from resampling test patients within each fold."""
