@@ -64,6 +64,7 @@ class ClassifierExperiment:
     max_folds: int | None = None          # small setting: only the first folds
     val_fraction: float = 0.2
     seed: int = 0
+    replicate: int = 0                        # another training of the same folds: only init and batch order change
     patch_options: dict = field(default_factory=lambda: {"jitter": 16})
     normal_per_abnormal: float | None = 3.0   # subsample normal training (and validation) patches to this ratio
     balance: str = "class_weight"             # class_weight | resample | none
@@ -303,7 +304,10 @@ def _fit_cnn(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.Dat
 
     from mammo_tf.models import classifier as clf
 
-    tcfg = from_dict(training.TrainConfig, {"seed": exp.seed + k, **exp.train})
+    # The replicate moves only the training seed (weights, batch order): folds, validation patients and
+    # the sampled patches stay those of `seed`, so replicates differ by training randomness alone.
+    train_seed = exp.seed + k + 1000 * exp.replicate
+    tcfg = from_dict(training.TrainConfig, {"seed": train_seed, **exp.train})
     mcfg = clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size})
     model_path = fold_dir / "model.keras"
     trained_here = not model_path.is_file()
@@ -313,7 +317,7 @@ def _fit_cnn(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.Dat
         history = pd.read_csv(fold_dir / "history.csv")
     else:
         kw = dict(batch_size=tcfg.batch_size, films=films)
-        train_ds = pipelines.patch_dataset(train, training=True, seed=exp.seed + k, augment_train=exp.augment,
+        train_ds = pipelines.patch_dataset(train, training=True, seed=train_seed, augment_train=exp.augment,
                                            max_angle=exp.max_angle,
                                            balance="resample" if exp.balance == "resample" else None, **kw)
         train_ds = train_ds.repeat(exp.epoch_repeats)
@@ -747,6 +751,7 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     if exp.classifier == "vgg16_probe":
         bank = FeatureBank([records["own"], records["grid"], records["whole"]], films, exp.size, probe_cfg)
     fold_results = [run_fold(exp, k, ann, records, folds, films, out, bank) for k in range(n_run)]
+    _keep_training_counts(fold_results, out / "metrics.json")
     flat = [{k: v for k, v in r.items() if k not in ("fold",)} for r in fold_results]
     if exp.leakage_audit:
         audit = _naive_split_audit(exp, ann, films, out)
@@ -765,6 +770,18 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     save_json(out / "metrics.json", metrics)
     _figures(out, fold_results, cplots, MODEL_KEYS[exp.classifier])
     return metrics
+
+
+def _keep_training_counts(fold_results: list[dict], earlier_metrics: Path) -> None:
+    """A reloaded fold reports the patch counts its training used (from the earlier metrics.json), not today's."""
+    # The validation subsample has changed since some runs were trained: n_val must say what training saw.
+    if not earlier_metrics.is_file():
+        return
+    stored = {f.get("fold"): f for f in load_json(earlier_metrics).get("folds", [])}
+    for result in fold_results:
+        old = stored.get(result["fold"], {})
+        if not result.get("trained_here", True):
+            result.update({k: old[k] for k in ("n_train", "n_val") if k in old})
 
 
 def _figures(out: Path, fold_results: list[dict], cplots: Any, model: str = "cnn") -> None:

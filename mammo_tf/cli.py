@@ -220,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
     cascade.add_cli(sub)
     external_eval.add_cli(sub)
-    from mammo_tf import bilateral
+    from mammo_tf import bilateral, ensemble
 
     bilateral.add_cli(sub)
+    ensemble.add_cli(sub)
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")

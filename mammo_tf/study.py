@@ -129,10 +129,14 @@ def step_report(cfg: dict, out: Path) -> dict:
     models = out / "models"
     if not models.is_dir():
         return {}
-    from mammo_tf import bilateral
+    from mammo_tf import bilateral, ensemble
 
     if any(models.glob("*/fold*/film_predictions.csv")):  # the classifier runs' films, read bilaterally
         bilateral.evaluate(models, models / "bilateral_films", command="study step report (bilateral)")
+    for group in cfg.get("ensembles", []):  # replicates of one recipe, once every member has been trained
+        runs = [models / name for name in group["runs"]]
+        if all((run / "metrics.json").is_file() for run in runs):
+            ensemble.evaluate(runs, models / group["name"], command=f"study step report (ensemble {group['name']})")
     path = report.write_report(models)
     print(report.build_tables(report.collect_rows(models)), flush=True)
     return {"report": str(path)}

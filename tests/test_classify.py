@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mammo_tf import classify
+from mammo_tf.io import save_json
 
 
 def _summary() -> dict:
@@ -141,9 +142,21 @@ def test_lesion_copies_are_abnormal_off_centre_patches_within_the_jitter(annotat
 
 
 def test_the_naive_split_audit_is_reported_as_trained_not_retrained(tmp_path):
-    from mammo_tf.io import save_json
 
     stored = {"cnn": {"macro_roc_auc": 0.81}, "patients_on_both_sides": 40, "n_test": 261}
     save_json(tmp_path / "naive_split" / "audit.json", stored)
     # No annotations and no films: a re-evaluation must not cut patches or train.
     assert classify._naive_split_audit(classify.ClassifierExperiment(), None, None, tmp_path) == stored
+
+
+def test_a_reloaded_fold_keeps_the_patch_counts_its_training_used(tmp_path):
+    earlier = tmp_path / "metrics.json"
+    save_json(earlier, {"folds": [{"fold": 0, "n_train": 292, "n_val": 1705},
+                                  {"fold": 1, "n_train": 296, "n_val": 1708}]})
+    folds = [{"fold": 0, "trained_here": False, "n_train": 292, "n_val": 76, "n_test": 9},
+             {"fold": 1, "trained_here": True, "n_train": 300, "n_val": 80, "n_test": 9}]
+    classify._keep_training_counts(folds, earlier)
+    assert (folds[0]["n_val"], folds[0]["n_test"]) == (1705, 9)  # what its training saw; the test set is today's
+    assert (folds[1]["n_train"], folds[1]["n_val"]) == (300, 80)  # trained now: today's counts
+    classify._keep_training_counts(folds, tmp_path / "absent.json")  # a first run has nothing to keep
+    assert folds[0]["n_val"] == 1705

@@ -8,7 +8,8 @@ from mammo_tf import cli
 
 SUBCOMMANDS = {"fetch", "summary", "run", "train-classifier", "evaluate-classifier", "train-detector",
                "evaluate-detector", "detect", "evaluate-cascade", "evaluate-external", "report",
-               "export-detector-arrays", "train-detector-arrays", "evaluate-detector-arrays", "bilateral"}
+               "export-detector-arrays", "train-detector-arrays", "evaluate-detector-arrays", "bilateral",
+               "ensemble-classifier"}
 
 
 def test_subcommands():
