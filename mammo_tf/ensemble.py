@@ -177,9 +177,9 @@ def add_cli(sub: Any) -> None:
 
 def _cli(args: Any) -> int:
     from mammo_tf.cli import _command
+    from mammo_tf.report import format_value
 
     metrics = evaluate(args.models, args.out, command=_command())
     for row in metrics["results"]:
-        shown = {k: v for k, v in row["values"].items() if "CI" in k or "Δ" in k}
-        print(f"{row['row']}: " + "; ".join(f"{k} {v}" for k, v in shown.items()))
+        print(f"{row['row']}:\n" + "".join(f"  {k}: {format_value(v)}\n" for k, v in row["values"].items()), end="")
     return 0
