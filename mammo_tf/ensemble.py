@@ -113,7 +113,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
     values: dict[str, dict[str, Any]] = {n: {} for n in [*names, "ensemble", "logistic"]}
     pair_values: dict[str, dict[str, Any]] = {f"{b} minus {a}": {} for a, b in itertools.combinations(names, 2)}
     summary: dict[str, Any] = {}
-    figure_folds: dict[str, list[float]] = {}
+    figure_folds: dict[str, dict[str, list[float]]] = {}
     spread = lambda v: [float(np.mean(v)), float(np.std(v, ddof=1))]  # noqa: E731
     for level in LEVELS:
         scores = member_scores([load_level(d, level) for d in dirs], level)
@@ -141,8 +141,9 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                 f"{LEVEL_NAMES[level]}: Δ abnormal AUC": [d["mean"], d["std"]],
                 f"{LEVEL_NAMES[level]}: largest |Δ| in a fold": float(gap.max()),
                 f"{LEVEL_NAMES[level]}: folds ahead": f"{d['ahead']}/{d['n']}"})
-        for name, c in [*zip(names, members), ("mean of replicates", "ensemble"), ("logistic", "score_logistic")]:
-            figure_folds[f"{name}, {level}"] = aucs[c].tolist()
+        short = [f"replicate {e.get('replicate', 0)}" for e in exps]
+        figure_folds[level] = {name: aucs[c].tolist() for name, c in
+                               [*zip(short, members), ("mean of replicates", "ensemble"), ("logistic", "score_logistic")]}
     n_folds = len(summary["patch"]["ensemble"]["fold_auc"])
     note = (f"{n_folds} patient folds' stored test predictions; mean ± std over folds; Δ: minus the logistic "
             f"regression on intensity features, per fold; CI: {n_boot} resamples of test patients within folds "
@@ -157,9 +158,10 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
         rows.append({"table": PAIR_TABLE, "row": label, "values": vals,
                      "note": f"{n_folds} shared patient folds; Δ: per-fold abnormal AUC difference, mean ± std", **common})
     out = Path(out_dir)
-    fig = plot_paired_folds(figure_folds, title="Replicates of one recipe, their mean score, and the intensity "
-                            "logistic regression", metric="abnormal-vs-normal AUC")
-    save_figure(fig, out / "replicate_folds.png")
+    for level, folds in figure_folds.items():
+        fig = plot_paired_folds(folds, title=f"{exps[0]['name']}: replicates, their mean, intensity\n"
+                                f"({LEVEL_NAMES[level]})", metric="abnormal-vs-normal AUC")
+        save_figure(fig, out / f"replicate_folds_{level}.png")
     prov["wall_time_s"] = round(time.perf_counter() - t0, 1)
     metrics = {"runs": names, "experiments": exps, "summary": summary, "results": rows, "provenance": prov}
     save_json(out / "metrics.json", metrics)

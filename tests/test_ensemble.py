@@ -52,7 +52,7 @@ def test_members_and_their_mean_by_hand(tmp_path):
     assert pair["grid_keep test patches: Δ abnormal AUC"][0] == pytest.approx(0.125)
     assert pair["grid_keep test patches: largest |Δ| in a fold"] == pytest.approx(0.25)
     assert pair["grid_keep test patches: folds ahead"] == "1/2"
-    assert (tmp_path / "out" / "replicate_folds.png").is_file()
+    assert all((tmp_path / "out" / f"replicate_folds_{level}.png").is_file() for level in ("patch", "film"))
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"] == ["a", "a_r1"]
 
 
