@@ -716,6 +716,8 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
         raise ConfigError("the leakage audit trains the CNN: set leakage_audit false for a vgg16_probe experiment")
     if exp.classifier == "cnn" and exp.probe:
         raise ConfigError("probe options are for classifier: vgg16_probe")
+    if exp.classifier != "cnn" and exp.replicate:
+        raise ConfigError("replicate retrains the CNN with another seed: a vgg16_probe run has no training seed")
     try:
         from mammo_tf.models import probe
 

@@ -123,7 +123,7 @@ def test_probe_experiment_on_real_films_reports_beside_the_baselines(tiny_probe_
 
 
 @pytest.mark.parametrize("bad", [{"leakage_audit": True}, {"probe": {"layers": ["fc6"]}},
-                                 {"classifier": "resnet"}, {"classifier": "cnn"}])
+                                 {"classifier": "resnet"}, {"classifier": "cnn"}, {"replicate": 1}])
 def test_probe_experiment_config_errors_are_clear(tmp_path, bad):
     with pytest.raises(ConfigError):
         classify.run_experiment(classify.ClassifierExperiment(**{**TINY_PROBE, **bad}), tmp_path)
