@@ -97,7 +97,7 @@ def fold_aucs(scores: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None,
              n_boot: int = 2000, seed: int = 0) -> dict:
-    """Replicates side by side and their mean score against the logistic baseline; writes metrics and a figure."""
+    """Replicates side by side and their mean score against the logistic baseline; writes metrics and figures."""
     from mammo_tf import bilateral
     from mammo_tf.metrics.classification import bootstrap_auc_ci, paired_differences
     from mammo_tf.plots.classification import plot_paired_folds
