@@ -21,6 +21,9 @@ With ``classifier: vgg16_probe`` the trained CNN is replaced by a linear probe
 (:mod:`mammo_tf.models.probe`): a frozen pretrained VGG16's pooled features of each patch under a
 logistic regression, scored by exactly the same protocol; a film-level probe (the features pooled
 over the film, logistic regression on film labels) is reported beside it.
+With ``strategy: whole`` there are no patches: the same CNN is trained on whole films, each cropped
+to its breast box and resized (:class:`mammo_tf.patches.WholeFilms`), one sample per film; it is
+scored at film level only, beside the same film-level baselines as the patch models.
 The leakage audit trains the same network on a naive random split of the (jittered, repeated)
 patches, ignoring patients, and is reported beside the patient-level numbers as leaky.
 """
@@ -32,7 +35,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -223,6 +226,8 @@ def example_calls(exp_dir: str | Path, fold: int = 0, n_correct: int = 2, n_wron
 
 
 def _film_features(refnums: list[str], films: patches.FilmCache) -> np.ndarray:
+    # Always the original films: a whole-film experiment's baseline is then every experiment's.
+    films = films.raw if isinstance(films, patches.WholeFilms) else films
     images = np.stack([films.image(r)[::4, ::4] for r in refnums])
     masks = np.stack([films.mask(r)[::4, ::4] for r in refnums])
     return baselines.intensity_features(images, masks)
@@ -544,14 +549,18 @@ def model_label(exp: ClassifierExperiment) -> str:
         layers = "+".join(name.replace("block", "").replace("_conv", "_") for name in cfg.layers)
         return (f"VGG16 ({cfg.weights}, frozen) conv{layers} {'/'.join(cfg.pooling)}-pooled + logistic regression, fitted on "
                 f"{exp.strategy} {exp.size} (C chosen on validation patients)")
+    if exp.strategy == patches.WHOLE:
+        return f"CNN trained on whole films, breast-cropped to {exp.size} px ({_cnn_recipe(exp)})"
     return f"CNN trained on {exp.strategy} {exp.size} ({_cnn_recipe(exp)})"
 
 
 def _cnn_recipe(exp: ClassifierExperiment) -> str:
     copies = (f", +{exp.lesion_copies} off-centre lesion patches per lesion (up to {exp.lesion_jitter} px)"
               if exp.lesion_copies else "")
+    pooling = exp.model.get("pooling", "avg")
     return training.schedule_label(from_dict(training.TrainConfig, exp.train)) + ", " + (
-        "flips/rot90" if exp.augment else "no augmentation") + copies
+        "flips/rot90" if exp.augment else "no augmentation") + copies + (
+        f", global {pooling} pooling" if pooling != "avg" else "")
 
 
 def combined_probe_label(exp: ClassifierExperiment) -> str:
@@ -580,6 +589,9 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
     ]
     if exp.strategy == "grid_keep":
         tables = tables[1:]  # its own test patches are the grid_keep ones: the same table twice otherwise
+    if exp.strategy == patches.WHOLE:
+        # Its "patches" are the test films: one table, beside the patch models' film-level one.
+        tables = [("image", WHOLE_FILM_TABLE, "")]
     fitted_on = f" (fitted on {exp.strategy} {exp.size} training patches)"
     label = model_label(exp)
     fit = summary.get("train_own.balanced_accuracy")
@@ -599,14 +611,14 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
                    "logistic": "logistic regression, intensity features" + suffix,
                    "probe_intensity": combined_probe_label(exp)}[model]
             values = {col: values_of(level, model).get(col, float("nan")) for col in METRIC_KEYS}
-            if model == key and level != "image" and fit:
-                # Does the model fit its own (unaugmented) training patches? Underfitting shows here.
+            if model == key and (level != "image" or exp.strategy == patches.WHOLE) and fit:
+                # Does the model fit its own (unaugmented) training patches (or films)? Underfitting shows here.
                 values["train bal. acc (fit check)"] = [fit["mean"], fit["std"]]
             notes = [note] if note and model == key else []
             notes.append(f"n_folds={summary.get('n_folds', '?')}")
             rows.append({"table": title, "row": row, "values": values, "note": "; ".join(notes), **common})
     chosen = [f["film_rule"]["chosen"] for f in folds or [] if "film_rule" in f]
-    if chosen and f"image.{key}_film_rule.macro_roc_auc" in summary:
+    if chosen and exp.strategy != patches.WHOLE and f"image.{key}_film_rule.macro_roc_auc" in summary:
         title = "Classification, whole mammogram (film rule chosen on validation patients)"
         for model, row, note in (
                 (f"{key}_film_rule", label,
@@ -639,6 +651,7 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
 
 
 PAIRED_TABLE = "Classification: model minus the logistic baseline, paired by patient fold"
+WHOLE_FILM_TABLE = "Classification, whole mammogram (one CNN on the whole breast-cropped film)"
 PAIRED_CI = "Δ abnormal AUC, 95 % CI (test patients resampled)"
 BOOTSTRAP_DRAWS = 2000
 
@@ -671,13 +684,14 @@ def _paired_rows(exp: ClassifierExperiment, label: str, folds: list[dict], commo
     """Model minus logistic regression fold by fold: the spread of a difference on shared folds, not of two means."""
     key = MODEL_KEYS[exp.classifier]
     rows = []
+    whole = exp.strategy == patches.WHOLE
     for level, model, row in (("patch_grid", key, f"{label}, grid_keep test patches"),
-                              ("image", key, f"{label}, whole mammogram, max rule"),
+                              ("image", key, f"{label}, whole mammogram{'' if whole else ', max rule'}"),
                               ("image", "probe_film", f"{film_probe_label(exp)}, whole mammogram"),
                               ("patch_grid", "probe_intensity", f"{combined_probe_label(exp)}, grid_keep test patches"),
                               ("image", "probe_intensity", f"{combined_probe_label(exp)}, whole mammogram, max rule")):
         pairs = [f[level] for f in folds if level in f and model in f[level] and "logistic" in f[level]]
-        if not pairs:
+        if not pairs or (whole and level != "image"):
             continue
         diffs = {col: cm.paired_differences([p[model][m] for p in pairs], [p["logistic"][m] for p in pairs])
                  for col, m in (("Δ abnormal AUC", "abnormal_vs_normal_auc"), ("Δ macro AUC", "macro_roc_auc"),
@@ -718,6 +732,10 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
         raise ConfigError("probe options are for classifier: vgg16_probe")
     if exp.classifier != "cnn" and exp.replicate:
         raise ConfigError("replicate retrains the CNN with another seed: a vgg16_probe run has no training seed")
+    whole = exp.strategy == patches.WHOLE
+    if whole and (exp.classifier != "cnn" or exp.lesion_copies or exp.leakage_audit or exp.patch_options):
+        raise ConfigError("strategy whole trains the CNN on whole films: it takes no probe, lesion_copies, "
+                          "leakage_audit or patch_options")
     try:
         from mammo_tf.models import probe
 
@@ -735,16 +753,21 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     print(f"[mammo-tf] classifier {exp.name}: {exp.strategy} {exp.size} px -> {out}", flush=True)
     t0 = time.perf_counter()
     ann = mias.load_annotations()
-    films = patches.FilmCache()
+    films = patches.WholeFilms(exp.size) if whole else patches.FilmCache()
     refnums = _films_subset(ann, exp)
     if refnums is not None:
         ann = ann[ann["refnum"].isin(refnums)].reset_index(drop=True)
-    records = {
-        "own": patches.cut_patches(ann, exp.strategy, exp.size, seed=exp.seed, films=films, **exp.patch_options),
-        "grid": patches.cut_patches(ann, "grid_keep", exp.size, seed=exp.seed, films=films),
-        # Whole-film scoring uses every breast patch, including those the label rule excludes.
-        "whole": patches.cut_patches(ann, "grid_keep", exp.size, seed=exp.seed, films=films, drop_excluded=False),
-    }
+    if whole:
+        # One sample per film: its patch-level test sets are the films themselves.
+        own = patches.whole_film_records(ann, exp.size)
+        records = {"own": own, "grid": own, "whole": own}
+    else:
+        records = {
+            "own": patches.cut_patches(ann, exp.strategy, exp.size, seed=exp.seed, films=films, **exp.patch_options),
+            "grid": patches.cut_patches(ann, "grid_keep", exp.size, seed=exp.seed, films=films),
+            # Whole-film scoring uses every breast patch, including those the label rule excludes.
+            "whole": patches.cut_patches(ann, "grid_keep", exp.size, seed=exp.seed, films=films, drop_excluded=False),
+        }
     if exp.lesion_copies:
         records["lesion_copies"] = lesion_copies(ann, exp, films)
     folds = splits.patient_folds(ann, n_splits=exp.folds, seed=exp.seed)
@@ -770,7 +793,7 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
                "paired_bootstrap": bootstrap, "provenance": prov,
                "results": _rows(summary, exp, prov, fold_results, bootstrap)}
     save_json(out / "metrics.json", metrics)
-    _figures(out, fold_results, cplots, MODEL_KEYS[exp.classifier])
+    _figures(out, fold_results, cplots, MODEL_KEYS[exp.classifier], ("image",) if whole else ("patch_grid", "image"))
     return metrics
 
 
@@ -786,15 +809,18 @@ def _keep_training_counts(fold_results: list[dict], earlier_metrics: Path) -> No
             result.update({k: old[k] for k in ("n_train", "n_val") if k in old})
 
 
-def _figures(out: Path, fold_results: list[dict], cplots: Any, model: str = "cnn") -> None:
+def _figures(out: Path, fold_results: list[dict], cplots: Any, model: str = "cnn",
+             levels: Sequence[str] = ("patch_grid", "image")) -> None:
     """Training curves (fold 0), summed confusion matrices and pooled ROC curves, as PNG."""
     if (out / "fold0" / "history.csv").is_file():  # a probe has no epochs
         hist = pd.read_csv(out / "fold0" / "history.csv")
         save_figure(cplots.plot_training_curves(hist), out / "training_curves.png")
-    for level in ("patch_grid", "image"):
+    for level in levels:
         total = np.sum([r[level][model]["confusion_matrix"] for r in fold_results], axis=0)
         save_figure(cplots.plot_confusion_matrix(total, mias.CLASSES), out / f"confusion_{level}.png")
     for level, where in (("patch_grid", "grid_keep test patches"), ("image", "whole mammogram")):
+        if level not in levels:
+            continue
         models = [m for m in (model, "probe_intensity", "probe_film", "logistic", "majority") if m in fold_results[0][level]]
         per_fold = {SHORT_NAMES[m]: [r[level][m]["abnormal_vs_normal_auc"] for r in fold_results] for m in models}
         save_figure(cplots.plot_paired_folds(per_fold, title=f"{where}: abnormal-vs-normal AUC per patient fold"),

@@ -51,6 +51,8 @@ import pandas as pd
 from mammo_tf.data import mias
 
 STRATEGIES = ("grid_drop", "grid_keep", "lesion_centred")
+# Not a cutting strategy: the classifier's whole-film input (`WholeFilms`, `whole_film_records`).
+WHOLE = "whole"
 SIZES = (128, 256)
 AMBIGUOUS = "ambiguous"
 UNLOCATED = "unlocated"
@@ -564,6 +566,28 @@ class WholeTransform:
         """Prepared-image boxes back to film pixels."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         return boxes / self.scale + np.array([self.top, self.left, self.top, self.left])
+
+
+class WholeFilms(FilmCache):
+    """Films as `prepare_whole` makes them (breast box, zero-padded square, ``size`` px); ``raw`` holds the originals."""
+
+    def __init__(self, size: int, raw: FilmCache | None = None):
+        self.raw = raw if raw is not None else FilmCache()
+        # The breast box comes from the original film's mask, the one every other step uses.
+        super().__init__(lambda r: prepare_whole(self.raw.image(r), size=size, mask=self.raw.mask(r))[0], mask_scale=1)
+
+
+def whole_film_records(annotations: pd.DataFrame, size: int, refnums: Iterable[str] | None = None) -> pd.DataFrame:
+    """One record per film covering the whole of its `WholeFilms` image, labelled with the film's class."""
+    images = _select_films(annotations, refnums)
+    n = len(images)
+    records = pd.DataFrame({
+        "refnum": images.index.to_numpy(object), "patient_id": images["patient_id"].to_numpy(np.int64),
+        "top": np.zeros(n, np.int64), "left": np.zeros(n, np.int64), "size": np.full(n, size, np.int64),
+        "strategy": WHOLE, "label": images["label"].to_numpy(object), "label_id": images["label_id"].to_numpy(np.int64),
+        "overlap": np.nan, "centre_inside": False, "breast_fraction": np.nan})
+    records.attrs["excluded"] = {"ambiguous_patches": 0, "unlocated_patches": 0, "unlocated_films": []}
+    return records
 
 
 def prepare_whole(

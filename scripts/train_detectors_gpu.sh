@@ -8,6 +8,9 @@
 # seconds (520), keeping the folds it finished. For the names in $KEEP_WEIGHTS_FOR, fold 0's
 # trained weights come back too, as float16 parts under 16 MiB (four for SSD300-VGG16: mind the
 # device's limit of 8 files back per call).
+# Mind the device's 64 MiB working-tree limit: the arrays (28 MB for the three-crops recipe) and the
+# VGG16 file (29 MB) fit one run a call, and the committed models/ (hundreds of MB) must be moved
+# out of the checkout for that call.
 set -uo pipefail
 dir=$1 out=$2 deadline=$3
 shift 3

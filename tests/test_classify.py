@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mammo_tf import classify
@@ -160,3 +161,57 @@ def test_a_reloaded_fold_keeps_the_patch_counts_its_training_used(tmp_path):
     assert (folds[1]["n_train"], folds[1]["n_val"]) == (300, 80)  # trained now: today's counts
     classify._keep_training_counts(folds, tmp_path / "absent.json")  # a first run has nothing to keep
     assert folds[0]["n_val"] == 1705
+
+
+def test_whole_film_records_are_one_per_film_with_the_film_label(annotations):
+    from mammo_tf import patches
+    from mammo_tf.data import mias
+
+    records = patches.whole_film_records(annotations, 256)
+    films = mias.images_table(annotations)
+    assert len(records) == 322 == records["refnum"].nunique()
+    assert (records[["top", "left"]] == 0).all().all() and (records["size"] == 256).all()
+    assert records.set_index("refnum")["label_id"].to_dict() == films.set_index("refnum")["label_id"].to_dict()
+    assert records["label_id"].value_counts().sort_index().tolist() == [207, 63, 52]  # as the parser test counts films
+
+
+def test_whole_films_are_the_prepared_breast_box_and_keep_the_originals(annotations):
+    from mammo_tf import patches
+
+    raw = patches.FilmCache()
+    whole = patches.WholeFilms(128, raw=raw)
+    image = whole.image("mdb001")
+    expected, _, transform = patches.prepare_whole(raw.image("mdb001"), size=128)
+    assert image.shape == (128, 128) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, expected)
+    assert transform.side > 128 and whole.raw is raw
+    # The intensity baseline of a whole-film run reads the original films, as every other run's does.
+    np.testing.assert_array_equal(classify._film_features(["mdb001"], whole), classify._film_features(["mdb001"], raw))
+
+
+def test_whole_film_rows_are_one_film_table_and_a_paired_row_without_a_patch_rule():
+    exp = classify.ClassifierExperiment(name="w", strategy="whole", size=256, patch_options={}, model={"pooling": "max"})
+    prov = {"command": "c", "date": "d", "hardware": {"cpu": "x", "cpu_count": 2, "gpus": "none"}}
+    report = lambda auc: {"abnormal_vs_normal_auc": auc, "macro_roc_auc": auc, "balanced_accuracy": 0.5}  # noqa: E731
+    folds = [{"film_rule": {"chosen": "max"}, "patch_grid": {"cnn": report(0.9), "logistic": report(0.5)},
+              "image": {"cnn": report(0.6), "logistic": report(0.5)}}] * 2
+    summary = _summary()
+    for metric in classify.METRIC_KEYS.values():
+        summary[f"image.cnn_film_rule.{metric}"] = {"mean": 0.66, "std": 0.01}
+    rows = classify._rows(summary, exp, prov, folds)
+    tables = {r["table"] for r in rows}
+    assert tables == {classify.WHOLE_FILM_TABLE, classify.PAIRED_TABLE, "Classifier network size (parameters)"}
+    (paired,) = [r for r in rows if r["table"] == classify.PAIRED_TABLE]
+    assert paired["row"].endswith("flips/rot90, global max pooling), whole mammogram") and "whole films" in paired["row"]
+    assert paired["values"]["Δ abnormal AUC"] == pytest.approx([0.1, 0.0])  # the film level, not the patch_grid one
+    # Its training samples are films: the fit check belongs in its film table.
+    assert [r["row"] for r in rows if "train bal. acc (fit check)" in r["values"]] == [classify.model_label(exp)]
+
+
+@pytest.mark.parametrize("bad", [{"lesion_copies": 2}, {"leakage_audit": True}, {"patch_options": {"jitter": 16}}])
+def test_whole_film_experiment_refuses_patch_options(tmp_path, bad):
+    from mammo_tf.config import ConfigError
+
+    exp = classify.ClassifierExperiment(**{"name": "w", "strategy": "whole", "patch_options": {}, **bad})
+    with pytest.raises(ConfigError, match="strategy whole"):
+        classify.run_experiment(exp, tmp_path / "w")
