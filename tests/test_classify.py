@@ -208,7 +208,8 @@ def test_whole_film_rows_are_one_film_table_and_a_paired_row_without_a_patch_rul
     assert [r["row"] for r in rows if "train bal. acc (fit check)" in r["values"]] == [classify.model_label(exp)]
 
 
-@pytest.mark.parametrize("bad", [{"lesion_copies": 2}, {"leakage_audit": True}, {"patch_options": {"jitter": 16}}])
+@pytest.mark.parametrize("bad", [{"lesion_copies": 2}, {"leakage_audit": True}, {"patch_options": {"jitter": 16}},
+                                 {"classifier": "vgg16_probe"}])
 def test_whole_film_experiment_refuses_patch_options(tmp_path, bad):
     from mammo_tf.config import ConfigError
 
