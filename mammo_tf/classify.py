@@ -23,7 +23,9 @@ logistic regression, scored by exactly the same protocol; a film-level probe (th
 over the film, logistic regression on film labels) is reported beside it.
 With ``strategy: whole`` there are no patches: the same CNN is trained on whole films, each cropped
 to its breast box and resized (:class:`mammo_tf.patches.WholeFilms`), one sample per film; it is
-scored at film level only, beside the same film-level baselines as the patch models.
+scored at film level only, beside the same film-level baselines as the patch models. With
+``pretrain`` its convolution stack is first trained on the films of another labelled set
+(:mod:`mammo_tf.pretrain`, rsna-640), once per run, then copied into every fold's model.
 The leakage audit trains the same network on a naive random split of the (jittered, repeated)
 patches, ignoring patients, and is reported beside the patient-level numbers as leaky.
 """
@@ -40,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from mammo_tf import baselines, bilateral, patches, pipelines, training
+from mammo_tf import baselines, bilateral, patches, pipelines, pretrain, training
 from mammo_tf.config import ConfigError, from_dict, keep_training_provenance, load_config, provenance, save_config
 from mammo_tf.data import mias, splits
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
@@ -82,6 +84,7 @@ class ClassifierExperiment:
     model: dict = field(default_factory=dict)  # mammo_tf.models.classifier.ClassifierConfig
     probe: dict = field(default_factory=dict)  # mammo_tf.models.probe.ProbeConfig (classifier: vgg16_probe)
     train: dict = field(default_factory=dict)  # mammo_tf.training.TrainConfig
+    pretrain: dict = field(default_factory=dict)  # mammo_tf.pretrain.PretrainConfig (strategy whole): conv stack init
 
 
 def _subsample_normals(records: pd.DataFrame, ratio: float | None, seed: int) -> pd.DataFrame:
@@ -328,7 +331,15 @@ def _fit_cnn(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.Dat
         train_ds = train_ds.repeat(exp.epoch_repeats)
         val_ds = pipelines.patch_dataset(val, training=False, **kw)
         weights = pipelines.class_weights(train) if exp.balance == "class_weight" else None
-        model, history = training.fit(lambda: clf.build_classifier(mcfg), lambda: {
+
+        def build() -> Any:
+            model = clf.build_classifier(mcfg)
+            if exp.pretrain:
+                # The dense head starts afresh: the pretraining set has no benign class.
+                clf.copy_stack_weights(clf.load_classifier(fold_dir.parent / "pretrain" / "model.keras")[0], model, mcfg)
+            return model
+
+        model, history = training.fit(build, lambda: {
             "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
             train_ds, val_ds, tcfg, fold_dir, class_weight=weights, verbose=2)
         history.to_csv(fold_dir / "history.csv", index=False)
@@ -462,8 +473,9 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     }
     extra = {"score_logistic": 1.0 - film_logistic[:, 0]}
     if combined is not None:
-        result["image"]["probe_intensity"] = _report(
-            y_film, film_scores(test_whole, combined(test_whole))[list(mias.CLASSES)].to_numpy())
+        combined_films = film_scores(test_whole, combined(test_whole))
+        result["image"]["probe_intensity"] = _report(y_film, combined_films[list(mias.CLASSES)].to_numpy())
+        extra["score_probe_intensity"] = combined_films.loc[scores.index, "abnormal_score"].to_numpy()
     if bank is not None and exp.strategy == "grid_keep":
         # The film-level probe sees only the film's grid_keep patches, whatever the patch strategy: the
         # grid_keep experiment of each size reports it (other strategies would repeat the same numbers).
@@ -560,7 +572,8 @@ def _cnn_recipe(exp: ClassifierExperiment) -> str:
     pooling = exp.model.get("pooling", "avg")
     return training.schedule_label(from_dict(training.TrainConfig, exp.train)) + ", " + (
         "flips/rot90" if exp.augment else "no augmentation") + copies + (
-        f", global {pooling} pooling" if pooling != "avg" else "")
+        f", global {pooling} pooling" if pooling != "avg" else "") + (
+        ", conv stack pretrained on rsna-640" if exp.pretrain else "")
 
 
 def combined_probe_label(exp: ClassifierExperiment) -> str:
@@ -576,7 +589,7 @@ def film_probe_label(exp: ClassifierExperiment) -> str:
 
 
 def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict] | None = None,
-          bootstrap: dict | None = None) -> list[dict]:
+          bootstrap: dict | None = None, pretrained: dict | None = None) -> list[dict]:
     leak = exp.strategy == "lesion_centred"
     key = MODEL_KEYS[exp.classifier]
     hardware = f"{prov['hardware']['cpu']} ({prov['hardware']['cpu_count']} cores), GPUs: {prov['hardware']['gpus']}"
@@ -633,6 +646,8 @@ def _rows(summary: dict, exp: ClassifierExperiment, prov: dict, folds: list[dict
                      "note": f"trained on training patients' films, C per fold {c_values} chosen on validation patients; "
                              f"n_folds={summary.get('n_folds', '?')}", **common})
     rows += _paired_rows(exp, label, folds or [], common, bootstrap or {})
+    if pretrained:
+        rows += pretrain.rows(pretrained, common)
     from mammo_tf.models import classifier as clf
 
     if exp.classifier == "cnn":
@@ -662,7 +677,8 @@ def paired_bootstrap(exp_dir: str | Path, n_folds: int, key: str = "cnn", n_boot
     out: dict[str, dict] = {}
     # The stored per-fold predictions: each level's file, and the column of each model's abnormal score in it.
     files = {"patch_grid": ("patch_predictions.csv", {key: f"score_{key}", "probe_intensity": "score_probe_intensity"}),
-             "image": ("film_predictions.csv", {key: "abnormal_score", "probe_film": "score_probe_film"})}
+             "image": ("film_predictions.csv", {key: "abnormal_score", "probe_film": "score_probe_film",
+                                                "probe_intensity": "score_probe_intensity"})}
     for level, (name, columns) in files.items():
         paths = [Path(exp_dir) / f"fold{k}" / name for k in range(n_folds)]
         if not all(p.is_file() for p in paths):
@@ -715,7 +731,7 @@ def refresh_rows(exp_dir: str | Path) -> list[dict]:
     metrics = load_json(path)
     exp = from_dict(ClassifierExperiment, metrics["experiment"])
     metrics["results"] = _rows(metrics["summary"], exp, metrics["provenance"], metrics.get("folds"),
-                               metrics.get("paired_bootstrap"))
+                               metrics.get("paired_bootstrap"), metrics.get("pretrain"))
     save_json(path, metrics)
     return metrics["results"]
 
@@ -736,6 +752,12 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     if whole and (exp.classifier != "cnn" or exp.lesion_copies or exp.leakage_audit or exp.patch_options):
         raise ConfigError("strategy whole trains the CNN on whole films: it takes no probe, lesion_copies, "
                           "leakage_audit or patch_options")
+    if exp.pretrain:
+        pretrain.check(exp.strategy, exp.classifier)
+        try:
+            pretrain_cfg = from_dict(pretrain.PretrainConfig, exp.pretrain)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"pretrain: {err}") from err
     try:
         from mammo_tf.models import probe
 
@@ -772,6 +794,12 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
         records["lesion_copies"] = lesion_copies(ann, exp, films)
     folds = splits.patient_folds(ann, n_splits=exp.folds, seed=exp.seed)
     n_run = min(exp.folds, exp.max_folds or exp.folds)
+    pretrained = None
+    if exp.pretrain:
+        from mammo_tf.models import classifier as clf
+
+        pretrained = pretrain.run(pretrain_cfg, clf.ClassifierConfig.from_dict({**exp.model, "input_size": exp.size}),
+                                  out / "pretrain", command)
     bank = None
     if exp.classifier == "vgg16_probe":
         bank = FeatureBank([records["own"], records["grid"], records["whole"]], films, exp.size, probe_cfg)
@@ -791,7 +819,9 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     bootstrap = paired_bootstrap(out, n_run, MODEL_KEYS[exp.classifier], seed=exp.seed)
     metrics = {"experiment": dataclasses.asdict(exp), "summary": summary, "folds": fold_results,
                "paired_bootstrap": bootstrap, "provenance": prov,
-               "results": _rows(summary, exp, prov, fold_results, bootstrap)}
+               "results": _rows(summary, exp, prov, fold_results, bootstrap, pretrained)}
+    if pretrained:
+        metrics["pretrain"] = pretrained
     save_json(out / "metrics.json", metrics)
     _figures(out, fold_results, cplots, MODEL_KEYS[exp.classifier], ("image",) if whole else ("patch_grid", "image"))
     return metrics

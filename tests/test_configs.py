@@ -59,3 +59,5 @@ def test_every_committed_classifier_run_has_its_fold_models():
         n_folds = min(exp.folds, exp.max_folds or exp.folds)
         missing = [k for k in range(n_folds) if not classify.is_trained_fold(run / f"fold{k}")]
         assert not missing, f"{run.name}: folds {missing} have no model in git"
+        if exp.pretrain:  # the stack every fold started from
+            assert (run / "pretrain" / "model.keras").is_file(), f"{run.name}: the pretrained model is not in git"

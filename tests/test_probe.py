@@ -117,7 +117,11 @@ def test_probe_experiment_on_real_films_reports_beside_the_baselines(tiny_probe_
     (paired,) = [r for r in metrics["results"] if r["table"] == classify.PAIRED_TABLE
                  and r["row"] == f"{label}, grid_keep test patches"]
     assert paired["values"][classify.PAIRED_CI] == f"[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
-    assert set(metrics["paired_bootstrap"]["image"]) == {"probe", "probe_film"}
+    assert set(metrics["paired_bootstrap"]["image"]) == {"probe", "probe_film", "probe_intensity"}
+    # The film score of the probe + intensity regression is the max rule over its patch scores.
+    film_ci = metrics["paired_bootstrap"]["image"]["probe_intensity"]
+    assert film_ci["auc_difference"] == pytest.approx(fold["image"]["probe_intensity"]["abnormal_vs_normal_auc"]
+                                                      - fold["image"]["logistic"]["abnormal_vs_normal_auc"])
     # The saved probe is the fitted one: it reproduces the fit check on the training patches.
     assert probe.load_probe(tmp_path / "fold0" / "probe.npz").named_steps["logisticregression"].C == fold["probe"]["C"]
 

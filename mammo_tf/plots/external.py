@@ -117,8 +117,9 @@ def format_ci(ci: Mapping | Sequence[float]) -> str:
     return "n/a" if not (np.isfinite(low) and np.isfinite(high)) else f"{low:.3f}-{high:.3f}"
 
 
-def _roc_axes(ax: Any, curves: list[tuple[str, np.ndarray, np.ndarray, str, str]],
-              points: list[tuple[str, dict, str, str]], title: str) -> None:
+def roc_axes(ax: Any, curves: list[tuple[str, np.ndarray, np.ndarray, str, str]],
+             points: list[tuple[str, dict, str, str]], title: str) -> None:
+    """ROC curves (name, y, score, colour, line style) and operating points (name, point, colour, marker) on one axes."""
     from sklearn.metrics import RocCurveDisplay
 
     for name, y, score, colour, ls in curves:
@@ -141,7 +142,7 @@ def roc_figure(scored: pd.DataFrame, y: np.ndarray, res: dict, task: str, source
     fig = Figure(figsize=(11, 5))
     left, right = fig.subplots(1, 2)
     a, p, adapt = res["abnormal_score"]["auc"], res["p_malignant"]["auc"], res["adaptation"]
-    _roc_axes(left, [
+    roc_axes(left, [
         (f"CNN abnormal score (CI {format_ci(a)})", y, scored["abnormal_score"].to_numpy(), "black", "-"),
         (f"CNN p(malignant) (CI {format_ci(p)})", y, scored["p_malignant"].to_numpy(), "tab:red", "--"),
     ], [("mini-MIAS threshold", res["abnormal_score"]["at_mias_threshold"], "tab:blue", "o")],
@@ -152,7 +153,7 @@ def roc_figure(scored: pd.DataFrame, y: np.ndarray, res: dict, task: str, source
     if "logistic_score" in scored and scored.loc[b, "logistic_score"].notna().all() and b.any():
         curves.append((f"logistic, intensity (CI {format_ci(adapt['logistic']['auc_B'])})", y[b],
                        scored.loc[b, "logistic_score"].to_numpy(), "tab:green", "-."))
-    _roc_axes(right, curves, [("mini-MIAS threshold", adapt["cnn_mias_threshold_B"], "tab:blue", "o"),
+    roc_axes(right, curves, [("mini-MIAS threshold", adapt["cnn_mias_threshold_B"], "tab:blue", "o"),
                               ("recalibrated on half A", adapt["cnn_recalibrated_B"], "tab:orange", "s")],
               f"{source}, half B (patients not used for recalibration)")
     fig.tight_layout()
