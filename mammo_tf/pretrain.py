@@ -112,7 +112,6 @@ def run(cfg: PretrainConfig, model_config: Any, out_dir: str | Path, command: st
     """Train the classifier network on the external films (or reload a finished run); its metrics."""
     from mammo_tf.models import classifier as clf
     from mammo_tf.plots import classification as cplots
-    from mammo_tf.plots.external import roc_axes
 
     out = Path(out_dir)
     model_path, metrics_path = out / "model.keras", out / "metrics.json"
@@ -134,13 +133,28 @@ def run(cfg: PretrainConfig, model_config: Any, out_dir: str | Path, command: st
         "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
         train_ds, val_ds, tcfg, out, class_weight=pipelines.class_weights(train), verbose=2)
     history.to_csv(out / "history.csv", index=False)
+    results, curves = evaluate(model, train, val, films, cfg, tcfg.batch_size)
+    with atomic_path(model_path) as tmp:
+        model.save(tmp)
+    save_figure(cplots.plot_training_curves(history, title="pretraining on rsna-640"), out / "training_curves.png")
+    save_figure(roc_figure(curves), out / "roc_validation.png")
+    prov = provenance(command)
+    prov["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    metrics = {"config": dataclasses.asdict(cfg), "model": model_config.to_dict(), "epochs_run": int(len(history)),
+               "skipped": skipped, "results": results, "provenance": prov}
+    save_json(metrics_path, metrics)
+    return metrics
 
+
+def evaluate(model: Any, train: pd.DataFrame, val: pd.DataFrame, films: patches.FilmCache, cfg: PretrainConfig,
+             batch_size: int = 16) -> tuple[dict, list]:
+    """AUCs (patient-bootstrap CIs) of the CNN and the intensity baseline on training and held-out films; ROC curves."""
     results: dict[str, Any] = {}
     x_train = _features(train, films)
     curves = []
     for name, frame in (("train", train), ("validation", val)):
         y = (frame["label_id"].to_numpy() != 0)
-        ds = pipelines.patch_dataset(frame, training=False, cache=False, **kw)
+        ds = pipelines.patch_dataset(frame, training=False, cache=False, batch_size=batch_size, films=films)
         cnn = 1.0 - model.predict(ds.map(lambda x, _: x), verbose=0)[:, 0]
         logistic = 1.0 - baselines.logistic_proba(x_train, train["label_id"].to_numpy(), _features(frame, films))[:, 0]
         patients = frame["patient_id"].to_numpy()
@@ -153,27 +167,23 @@ def run(cfg: PretrainConfig, model_config: Any, out_dir: str | Path, command: st
         }
         results[name]["cnn_minus_logistic"]["auc"] = results[name]["cnn"]["auc"] - results[name]["logistic"]["auc"]
         if name == "validation":
-            curves = [(f"CNN (AUC {results[name]['cnn']['auc']:.3f})", y, cnn, "black", "-"),
-                      (f"logistic, intensity (AUC {results[name]['logistic']['auc']:.3f})", y, logistic,
-                       "tab:green", "-.")]
-    with atomic_path(model_path) as tmp:
-        model.save(tmp)
-    save_figure(cplots.plot_training_curves(history, title="pretraining on rsna-640"), out / "training_curves.png")
-    fig = _figure()
-    roc_axes(fig.subplots(), curves, [], "rsna-640 held-out patients: malignant vs cancer-negative")
-    save_figure(fig, out / "roc_validation.png")
-    prov = provenance(command)
-    prov["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    metrics = {"config": dataclasses.asdict(cfg), "model": model_config.to_dict(), "epochs_run": int(len(history)),
-               "skipped": skipped, "results": results, "provenance": prov}
-    save_json(metrics_path, metrics)
-    return metrics
+            r = results[name]
+            # RocCurveDisplay adds the AUC to each name; the name carries its patient-bootstrap interval.
+            curves = [(f"CNN (CI {r['cnn']['ci_low']:.3f}-{r['cnn']['ci_high']:.3f})", y, cnn, "black", "-"),
+                      (f"logistic, intensity (CI {r['logistic']['ci_low']:.3f}-{r['logistic']['ci_high']:.3f})", y,
+                       logistic, "tab:green", "-.")]
+    return results, curves
 
 
-def _figure() -> Any:
+def roc_figure(curves: list) -> Any:
+    """ROC curves on the held-out patients' films."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(5.5, 5))
+    from mammo_tf.plots.external import roc_axes
+
+    fig = Figure(figsize=(5.5, 5))
+    roc_axes(fig.subplots(), curves, [], "rsna-640 held-out patients: malignant vs cancer-negative")
+    return fig
 
 
 def rows(metrics: dict, common: dict) -> list[dict]:
