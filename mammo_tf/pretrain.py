@@ -19,7 +19,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,9 @@ from mammo_tf import baselines, patches, pipelines, training
 from mammo_tf.config import ConfigError, from_dict, provenance, save_config
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 from mammo_tf.metrics import classification as cm
+
+if TYPE_CHECKING:
+    from mammo_tf.models.classifier import ClassifierConfig
 
 TABLE = "Pretraining on rsna-640: malignant vs cancer-negative films, held-out rsna-640 patients"
 
@@ -108,7 +111,7 @@ def _scores(y: np.ndarray, score: np.ndarray, patients: np.ndarray, n_boot: int,
     return {"auc": cm.safe_roc_auc(y, score), "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
 
 
-def run(cfg: PretrainConfig, model_config: Any, out_dir: str | Path, command: str | None = None) -> dict:
+def run(cfg: PretrainConfig, model_config: ClassifierConfig, out_dir: str | Path, command: str | None = None) -> dict:
     """Train the classifier network on the external films (or reload a finished run); its metrics."""
     from mammo_tf.models import classifier as clf
     from mammo_tf.plots import classification as cplots
@@ -126,16 +129,21 @@ def run(cfg: PretrainConfig, model_config: Any, out_dir: str | Path, command: st
     train, val = split_patients(records, cfg.val_fraction, cfg.seed)
     pipelines.assert_no_patient_leak(train, val)
     tcfg = from_dict(training.TrainConfig, {"seed": cfg.seed, **cfg.train})
-    kw = dict(batch_size=tcfg.batch_size, films=films)
-    train_ds = pipelines.patch_dataset(train, training=True, seed=tcfg.seed, augment_train=False, **kw)
-    val_ds = pipelines.patch_dataset(val, training=False, **kw)
-    model, history = training.fit(lambda: clf.build_classifier(model_config), lambda: {
-        "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
-        train_ds, val_ds, tcfg, out, class_weight=pipelines.class_weights(train), verbose=2)
-    history.to_csv(out / "history.csv", index=False)
+    if model_path.is_file():
+        # Killed after the model was saved and before its metrics: evaluate it, do not train again.
+        model, _ = clf.load_classifier(model_path)
+        history = pd.read_csv(out / "history.csv")
+    else:
+        kw = dict(batch_size=tcfg.batch_size, films=films)
+        train_ds = pipelines.patch_dataset(train, training=True, seed=tcfg.seed, augment_train=False, **kw)
+        val_ds = pipelines.patch_dataset(val, training=False, **kw)
+        model, history = training.fit(lambda: clf.build_classifier(model_config), lambda: {
+            "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
+            train_ds, val_ds, tcfg, out, class_weight=pipelines.class_weights(train), verbose=2)
+        history.to_csv(out / "history.csv", index=False)
+        with atomic_path(model_path) as tmp:
+            model.save(tmp)
     results, curves = evaluate(model, train, val, films, cfg, tcfg.batch_size)
-    with atomic_path(model_path) as tmp:
-        model.save(tmp)
     save_figure(cplots.plot_training_curves(history, title="pretraining on rsna-640"), out / "training_curves.png")
     save_figure(roc_figure(curves), out / "roc_validation.png")
     prov = provenance(command)
