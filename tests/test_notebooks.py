@@ -13,6 +13,19 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, "no numbered notebooks found"
 
 
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_valid_nbformat_with_unique_cell_ids(notebook):
+    import json
+
+    nbformat = pytest.importorskip("nbformat")
+    # Read as plain JSON: nbformat's reader fills in missing ids itself (with a warning).
+    raw = json.loads(notebook.read_text(encoding="utf-8"))
+    ids = [cell.get("id") for cell in raw["cells"]]
+    # nbformat 4.5 requires an id per cell (missing ones are a warning today, an error in later versions).
+    assert None not in ids and len(set(ids)) == len(ids), f"{notebook.name}: missing or repeated cell ids"
+    nbformat.validate(nbformat.from_dict(raw))
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(notebook, tmp_path):
