@@ -573,7 +573,8 @@ def _cnn_recipe(exp: ClassifierExperiment) -> str:
     return training.schedule_label(from_dict(training.TrainConfig, exp.train)) + ", " + (
         "flips/rot90" if exp.augment else "no augmentation") + copies + (
         f", global {pooling} pooling" if pooling != "avg" else "") + (
-        ", conv stack pretrained on rsna-640" if exp.pretrain else "")
+        f", conv stack pretrained on {pretrain.source_name(from_dict(pretrain.PretrainConfig, exp.pretrain))}"
+        if exp.pretrain else "")
 
 
 def combined_probe_label(exp: ClassifierExperiment) -> str:

@@ -32,7 +32,8 @@ from mammo_tf.metrics import classification as cm
 if TYPE_CHECKING:
     from mammo_tf.models.classifier import ClassifierConfig
 
-TABLE = "Pretraining on rsna-640: malignant vs cancer-negative films, held-out rsna-640 patients"
+# The report table of a run pretrained on folder X is f"{TABLE_PREFIX} (X): ...".
+TABLE_PREFIX = "Pretraining on another dataset"
 
 
 @dataclass
@@ -54,6 +55,11 @@ def data_root(cfg: PretrainConfig) -> Path:
 
     p = Path(cfg.data)
     return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+def source_name(cfg: PretrainConfig) -> str:
+    """How report rows name the pretraining set: its folder's name."""
+    return Path(cfg.data).name
 
 
 def load_films(cfg: PretrainConfig, size: int) -> tuple[pd.DataFrame, patches.FilmCache, list[dict]]:
@@ -124,7 +130,7 @@ def run(cfg: PretrainConfig, model_config: ClassifierConfig, out_dir: str | Path
     save_config(cfg, out / "config.yaml")
     t0 = time.perf_counter()
     size = model_config.input_size
-    print(f"[mammo-tf] pretraining on {cfg.data} at {size} px -> {out}", flush=True)
+    print(f"[mammo-tf] pretraining on {data_root(cfg)} at {size} px -> {out}", flush=True)
     records, films, skipped = load_films(cfg, size)
     train, val = split_patients(records, cfg.val_fraction, cfg.seed)
     pipelines.assert_no_patient_leak(train, val)
@@ -144,8 +150,9 @@ def run(cfg: PretrainConfig, model_config: ClassifierConfig, out_dir: str | Path
         with atomic_path(model_path) as tmp:
             model.save(tmp)
     results, curves = evaluate(model, train, val, films, cfg, tcfg.batch_size)
-    save_figure(cplots.plot_training_curves(history, title="pretraining on rsna-640"), out / "training_curves.png")
-    save_figure(roc_figure(curves), out / "roc_validation.png")
+    save_figure(cplots.plot_training_curves(history, title=f"pretraining on {source_name(cfg)}"),
+                out / "training_curves.png")
+    save_figure(roc_figure(curves, source_name(cfg)), out / "roc_validation.png")
     prov = provenance(command)
     prov["wall_time_s"] = round(time.perf_counter() - t0, 1)
     metrics = {"config": dataclasses.asdict(cfg), "model": model_config.to_dict(), "epochs_run": int(len(history)),
@@ -183,14 +190,14 @@ def evaluate(model: Any, train: pd.DataFrame, val: pd.DataFrame, films: patches.
     return results, curves
 
 
-def roc_figure(curves: list) -> Any:
+def roc_figure(curves: list, source: str) -> Any:
     """ROC curves on the held-out patients' films."""
     from matplotlib.figure import Figure
 
     from mammo_tf.plots.external import roc_axes
 
     fig = Figure(figsize=(5.5, 5))
-    roc_axes(fig.subplots(), curves, [], "rsna-640 held-out patients: malignant vs cancer-negative")
+    roc_axes(fig.subplots(), curves, [], f"{source} held-out patients: malignant vs cancer-negative")
     return fig
 
 
@@ -198,8 +205,10 @@ def rows(metrics: dict, common: dict) -> list[dict]:
     """Report rows of a pretraining run: the CNN and the intensity baseline on the held-out and training patients."""
     cfg = from_dict(PretrainConfig, metrics["config"])
     tcfg = from_dict(training.TrainConfig, cfg.train)
+    source = source_name(cfg)
+    table = f"{TABLE_PREFIX} ({source}): malignant vs cancer-negative films, held-out patients"
     out = []
-    for model, label in (("cnn", f"CNN pretrained on rsna-640 ({training.schedule_label(tcfg)}, no augmentation)"),
+    for model, label in (("cnn", f"CNN pretrained on {source} ({training.schedule_label(tcfg)}, no augmentation)"),
                          ("logistic", "logistic regression, intensity features"),
                          ("cnn_minus_logistic", "CNN minus logistic regression")):
         values = {}
@@ -211,7 +220,7 @@ def rows(metrics: dict, common: dict) -> list[dict]:
         note = (f"{v['n_films']} held-out films of {v['n_patients']} patients ({v['n_malignant']} malignant), "
                 f"{t['n_films']} training films of {t['n_patients']} patients; CI: patients resampled; "
                 f"{len(metrics['skipped'])} films skipped")
-        out.append({"table": TABLE, "row": label, "values": values, "note": note, **common})
+        out.append({"table": table, "row": label, "values": values, "note": note, **common})
     return out
 
 
