@@ -577,15 +577,20 @@ class WholeFilms(FilmCache):
         super().__init__(lambda r: prepare_whole(self.raw.image(r), size=size, mask=self.raw.mask(r))[0], mask_scale=1)
 
 
+def film_records(films: pd.DataFrame, size: int) -> pd.DataFrame:
+    """One record per film (index: film id; columns patient_id, label, label_id) covering its whole prepared image."""
+    n = len(films)
+    return pd.DataFrame({
+        "refnum": films.index.to_numpy(object), "patient_id": films["patient_id"].to_numpy(),
+        "top": np.zeros(n, np.int64), "left": np.zeros(n, np.int64), "size": np.full(n, size, np.int64),
+        "strategy": WHOLE, "label": films["label"].to_numpy(object), "label_id": films["label_id"].to_numpy(np.int64),
+        "overlap": np.nan, "centre_inside": False, "breast_fraction": np.nan})
+
+
 def whole_film_records(annotations: pd.DataFrame, size: int, refnums: Iterable[str] | None = None) -> pd.DataFrame:
     """One record per film covering the whole of its `WholeFilms` image, labelled with the film's class."""
     images = _select_films(annotations, refnums)
-    n = len(images)
-    records = pd.DataFrame({
-        "refnum": images.index.to_numpy(object), "patient_id": images["patient_id"].to_numpy(np.int64),
-        "top": np.zeros(n, np.int64), "left": np.zeros(n, np.int64), "size": np.full(n, size, np.int64),
-        "strategy": WHOLE, "label": images["label"].to_numpy(object), "label_id": images["label_id"].to_numpy(np.int64),
-        "overlap": np.nan, "centre_inside": False, "breast_fraction": np.nan})
+    records = film_records(images.assign(patient_id=images["patient_id"].astype(np.int64)), size)
     records.attrs["excluded"] = {"ambiguous_patches": 0, "unlocated_patches": 0, "unlocated_films": []}
     return records
 

@@ -63,7 +63,7 @@ def source_name(cfg: PretrainConfig) -> str:
 
 
 def load_films(cfg: PretrainConfig, size: int) -> tuple[pd.DataFrame, patches.FilmCache, list[dict]]:
-    """Records (one per film, `patches.whole_film_records` layout), their prepared films, and the films skipped."""
+    """Records (one per film, `patches.film_records`), their prepared films, and the films skipped."""
     import keras
 
     from mammo_tf.data import external
@@ -84,12 +84,7 @@ def load_films(cfg: PretrainConfig, size: int) -> tuple[pd.DataFrame, patches.Fi
     kept = images[images["image_id"].isin(prepared)].reset_index(drop=True)
     if kept["label_id"].nunique() < 2:
         raise ConfigError(f"{cfg.data}: pretraining needs films of two classes, got {sorted(kept['label'].unique())}")
-    n = len(kept)
-    records = pd.DataFrame({
-        "refnum": kept["image_id"].to_numpy(object), "patient_id": kept["patient_id"].to_numpy(object),
-        "top": np.zeros(n, np.int64), "left": np.zeros(n, np.int64), "size": np.full(n, size, np.int64),
-        "strategy": patches.WHOLE, "label": kept["label"].to_numpy(object),
-        "label_id": kept["label_id"].to_numpy(np.int64)})
+    records = patches.film_records(kept.set_index("image_id"), size)
     films = patches.FilmCache(prepared.__getitem__, mask_scale=1)
     return records, films, skipped
 
@@ -114,7 +109,7 @@ def _scores(y: np.ndarray, score: np.ndarray, patients: np.ndarray, n_boot: int,
             baseline: np.ndarray | None = None) -> dict:
     """AUC of malignant vs cancer-negative with its patient-bootstrap CI (or the CI of the difference)."""
     ci = cm.bootstrap_auc_ci(y, score, groups=patients, n_boot=n_boot, seed=seed, baseline=baseline)
-    return {"auc": cm.safe_roc_auc(y, score), "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
+    return {"auc": ci["auc" if baseline is None else "auc_difference"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
 
 
 def run(cfg: PretrainConfig, model_config: ClassifierConfig, out_dir: str | Path, command: str | None = None) -> dict:
@@ -180,7 +175,6 @@ def evaluate(model: Any, train: pd.DataFrame, val: pd.DataFrame, films: patches.
             "logistic": _scores(y, logistic, patients, cfg.n_boot, cfg.seed),
             "cnn_minus_logistic": _scores(y, cnn, patients, cfg.n_boot, cfg.seed, baseline=logistic),
         }
-        results[name]["cnn_minus_logistic"]["auc"] = results[name]["cnn"]["auc"] - results[name]["logistic"]["auc"]
         if name == "validation":
             r = results[name]
             # RocCurveDisplay adds the AUC to each name; the name carries its patient-bootstrap interval.
