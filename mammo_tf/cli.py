@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -165,6 +166,21 @@ def _command() -> str:
     return "mammo-tf " + " ".join(shlex.quote(a) for a in argv)
 
 
+def add_runs_command(sub: Any, name: str, evaluate: Callable[..., dict], help: str, models_help: str) -> None:
+    """A subcommand reading trained runs' stored outputs (``--models DIR... --out DIR``) and printing its rows."""
+    from mammo_tf.report import format_value
+
+    def run(args: argparse.Namespace) -> int:
+        for row in evaluate(args.models, args.out, command=_command())["results"]:
+            print(f"{row['row']}:\n" + "".join(f"  {k}: {format_value(v)}\n" for k, v in row["values"].items()), end="")
+        return 0
+
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--models", nargs="+", required=True, help=models_help)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="mammo-tf", description=__doc__)
@@ -220,10 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
     cascade.add_cli(sub)
     external_eval.add_cli(sub)
-    from mammo_tf import bilateral, ensemble
+    from mammo_tf import bilateral, ensemble, selection
 
     bilateral.add_cli(sub)
-    ensemble.add_cli(sub)
+    add_runs_command(sub, "ensemble-classifier", ensemble.evaluate,
+                     "replicates of one classifier recipe side by side, and their mean score (stored outputs)",
+                     "run directories (same config but `replicate`)")
+    add_runs_command(sub, "select-classifier", selection.evaluate,
+                     "a recipe per fold chosen on validation patients among trained runs, scored on test patients",
+                     "run directories on the same patient folds (their order breaks ties)")
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")

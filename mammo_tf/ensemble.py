@@ -33,7 +33,7 @@ LEVELS = {"patch": ("patch_predictions.csv", "score_cnn", ["refnum", "label_id",
 LEVEL_NAMES = {"patch": "grid_keep test patches", "film": "whole mammogram, max rule"}
 
 
-def _experiment(run_dir: Path) -> dict:
+def stored_experiment(run_dir: Path) -> dict:
     """The stored experiment config of a classifier run."""
     metrics = load_json(run_dir / "metrics.json")
     if "experiment" not in metrics:
@@ -45,7 +45,7 @@ def check_replicates(run_dirs: list[Path]) -> list[dict]:
     """The runs' experiments, after checking they differ only in name and replicate (ValueError if not)."""
     if len(run_dirs) < 2:
         raise ValueError("an ensemble needs at least two runs")
-    exps = [_experiment(d) for d in run_dirs]
+    exps = [stored_experiment(d) for d in run_dirs]
     strip = lambda e: {k: v for k, v in e.items() if k not in ("name", "replicate")}  # noqa: E731
     for d, e in zip(run_dirs[1:], exps[1:]):
         diff = sorted(k for k in set(strip(e)) | set(strip(exps[0])) if strip(e).get(k) != strip(exps[0]).get(k))
@@ -166,22 +166,3 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
     metrics = {"runs": names, "experiments": exps, "summary": summary, "results": rows, "provenance": prov}
     save_json(out / "metrics.json", metrics)
     return metrics
-
-
-def add_cli(sub: Any) -> None:
-    """The ``ensemble-classifier`` subcommand."""
-    p = sub.add_parser("ensemble-classifier",
-                       help="replicates of one classifier recipe side by side, and their mean score (stored outputs)")
-    p.add_argument("--models", nargs="+", required=True, help="run directories (same config but `replicate`)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: Any) -> int:
-    from mammo_tf.cli import _command
-    from mammo_tf.report import format_value
-
-    metrics = evaluate(args.models, args.out, command=_command())
-    for row in metrics["results"]:
-        print(f"{row['row']}:\n" + "".join(f"  {k}: {format_value(v)}\n" for k, v in row["values"].items()), end="")
-    return 0

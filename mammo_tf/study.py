@@ -129,14 +129,16 @@ def step_report(cfg: dict, out: Path) -> dict:
     models = out / "models"
     if not models.is_dir():
         return {}
-    from mammo_tf import bilateral, ensemble
+    from mammo_tf import bilateral, ensemble, selection
 
     if any(models.glob("*/fold*/film_predictions.csv")):  # the classifier runs' films, read bilaterally
         bilateral.evaluate(models, models / "bilateral_films", command="study step report (bilateral)")
-    for group in cfg.get("ensembles", []):  # replicates of one recipe, once every member has been trained
-        runs = [models / name for name in group["runs"]]
-        if all((run / "metrics.json").is_file() for run in runs):
-            ensemble.evaluate(runs, models / group["name"], command=f"study step report (ensemble {group['name']})")
+    # Replicates of one recipe, and a recipe per fold chosen on validation patients, once every run is trained.
+    for key, module in (("ensembles", ensemble), ("selections", selection)):
+        for group in cfg.get(key, []):
+            runs = [models / name for name in group["runs"]]
+            if all((run / "metrics.json").is_file() for run in runs):
+                module.evaluate(runs, models / group["name"], command=f"study step report ({key} {group['name']})")
     path = report.write_report(models)
     print(report.build_tables(report.collect_rows(models)), flush=True)
     return {"report": str(path)}

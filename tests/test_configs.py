@@ -33,7 +33,7 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     assert {"data", "classifier", "detector", "cascade", "external", "report"} <= set(cfg["steps"])
     assert cfg["cascade"]["classifier"] in names and cfg["cascade"]["detector"] in names
     assert cfg["external"]["classifier"] in names and cfg["external"]["detector"] in names
-    for group in cfg.get("ensembles", []):  # replicates are runs of this setting, and at least two
+    for group in cfg.get("ensembles", []) + cfg.get("selections", []):  # runs of this setting, at least two
         assert len(group["runs"]) >= 2 and set(group["runs"]) <= set(names) and group["name"] not in names
 
 

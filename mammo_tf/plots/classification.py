@@ -1,4 +1,4 @@
-"""Classification figures: confusion matrices, ROC curves and training curves."""
+"""Classification figures: confusion matrices, ROC curves, training curves and per-fold comparisons."""
 
 from __future__ import annotations
 
@@ -150,5 +150,26 @@ def plot_paired_folds(scores: Mapping[str, Sequence[float]], title: str | None =
     ax.set_ylabel(metric)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or f"{metric} per patient fold")
+    fig.tight_layout()
+    return fig
+
+
+def plot_validation_vs_test(panels: Mapping[str, tuple[pd.DataFrame, pd.DataFrame, pd.Series]]) -> Figure:
+    """Each candidate run's validation AUC against its test AUC, fold by fold, the run chosen per fold ringed."""
+    fig = Figure(figsize=(5.2 * len(panels), 4.8))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (where, (validation, test, choice)) in zip(axes, panels.items()):
+        for i, k in enumerate(validation.index):
+            colour = f"C{i}"
+            ax.scatter(validation.loc[k], test.loc[k], s=22, color=colour, alpha=0.7, label=f"fold {k}")
+            ax.scatter(validation.loc[k, choice[k]], test.loc[k, choice[k]], s=140, facecolors="none",
+                       edgecolors=colour, linewidths=2)
+        lo = float(np.nanmin([validation.min().min(), test.min().min(), 0.4]))
+        ax.plot([lo, 1], [lo, 1], color="0.7", ls=":", lw=1, label="validation = test")
+        ax.axhline(0.5, color="tab:red", ls=":", lw=1)
+        ax.set_xlabel("validation patients: abnormal AUC")
+        ax.set_ylabel("test patients: abnormal AUC")
+        ax.set_title(f"{where}\n(one dot per run and fold; ringed: chosen on validation)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
