@@ -796,7 +796,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     folds = make_folds(exp, samples)
     detections = detections or saved_model_detections(exp, samples, out)
     fold_rows, model_metrics, base_metrics, random_metrics = [], [], [], []
-    pooled_gt, pooled_det, pooled_random, examples = [], [], [], []
+    pooled_gt, pooled_det, pooled_random, examples, lesions = [], [], [], [], []
     for fold in folds:
         fold_dir = out / "folds" / f"fold{fold.index}"
         found = detections(fold)
@@ -809,7 +809,9 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                                             _lesion_sides(exp, fold.train), RANDOM_BOXES_PER_IMAGE,
                                             seed=exp.seed + fold.index)
         guesses = _to_eval_pixels(exp, samples, fold.test, guesses)
-        chance, _, _ = detection_metrics(gts, guesses, exp.iou_threshold, exp.nms_iou_threshold)
+        chance, _, chance_froc = detection_metrics(gts, guesses, exp.iou_threshold, exp.nms_iou_threshold)
+        if exp.protocol == "whole":
+            lesions.append(_lesions_found(fold.test, samples.annotations, fr, chance_froc, fold.index))
         train_dets = _to_eval_pixels(exp, samples, fold.train, found["train"])
         flat["train_mAP"] = detection_metrics(_ground_truth(exp, fold.train, samples.annotations), train_dets,
                                               exp.iou_threshold, exp.nms_iou_threshold)[0]["map"]
@@ -877,6 +879,10 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         "results": _result_rows(exp, summary, base_summary, len(folds), prov, random_summary),
         "provenance": prov,
     }
+    if lesions:
+        metrics["lesions_found"] = lesions_found_summary(pd.concat(lesions, ignore_index=True))
+        metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], prov)
+        save_figure(dplots.plot_lesions_found(metrics["lesions_found"], exp.name), out / "lesions_found.png")
     save_json(out / "metrics.json", metrics)
     return metrics
 
@@ -946,6 +952,58 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     ]
 
 
+# Which lesions the whole-film detector finds, by groups fixed before any result was seen: the MIAS
+# abnormality class, breast tissue, severity and the annotated radius (film pixels of 200 um).
+RADIUS_BINS = {"radius < 25 px": (0, 25), "radius 25-49 px": (25, 50), "radius >= 50 px": (50, np.inf)}
+LESIONS_TABLE = "Detection, whole films: lesions found at 1 false positive per image, by lesion type"
+
+
+def _lesions_found(records: pd.DataFrame, annotations: pd.DataFrame, model_froc: dict, chance_froc: dict,
+                   fold: int) -> pd.DataFrame:
+    """Each located test lesion (in `_ground_truth`'s order), found or not at 1 FP per image by model and chance."""
+    from mammo_tf.metrics.detection import found_at_fp
+
+    located = annotations[annotations["has_location"]]
+    rows = pd.concat([located[located["refnum"] == r] for r in records["refnum"]])
+    if len(rows) != len(model_froc["lesion_scores"]):
+        raise RuntimeError(f"fold {fold}: {len(rows)} located lesions but {len(model_froc['lesion_scores'])} scored")
+    return rows[["refnum", "abnormality", "tissue", "severity", "radius"]].assign(
+        fold=fold, found=found_at_fp(model_froc, 1.0), found_random=found_at_fp(chance_froc, 1.0))
+
+
+def lesions_found_summary(lesions: pd.DataFrame) -> dict[str, dict[str, dict]]:
+    """Lesions found per group and value, pooled over folds, with a Wilson 95 % interval for the model's share."""
+    from scipy.stats import binomtest
+
+    radius = pd.Series(pd.NA, index=lesions.index, dtype="object")
+    for name, (lo, hi) in RADIUS_BINS.items():
+        radius[(lesions["radius"] >= lo) & (lesions["radius"] < hi)] = name
+    # Categories keep a reading order (fatty to dense, small to large) and drop values absent here.
+    groups = {"abnormality": lesions["abnormality"].map(lambda a: f"{a} ({mias.ABNORMALITY_NAMES[a]})"),
+              "tissue": pd.Categorical(lesions["tissue"].map(mias.TISSUES), categories=list(mias.TISSUES.values())),
+              "severity": lesions["severity"].map({"B": "benign", "M": "malignant"}),
+              "radius": pd.Categorical(radius, categories=list(RADIUS_BINS))}
+    out: dict[str, dict[str, dict]] = {}
+    for group, key in groups.items():
+        for value, g in lesions.groupby(key, sort=True, observed=True):
+            n, k = len(g), int(g["found"].sum())
+            ci = binomtest(k, n).proportion_ci(method="wilson")
+            out.setdefault(group, {})[str(value)] = {
+                "n": n, "found": k, "found_random": int(g["found_random"].sum()), "sensitivity": k / n,
+                "sensitivity_random": float(g["found_random"].mean()), "ci": [float(ci.low), float(ci.high)]}
+    return out
+
+
+def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], prov: dict) -> list[dict]:
+    """The model's and the random boxes' lesions found per group, one row each, as 'found/n'."""
+    common = {"table": LESIONS_TABLE, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
+    note = ("located test lesions pooled over the folds, each fold at its own threshold for at most 1 false positive "
+            "per image (box centre in the lesion); random boxes: the chance reference of the detection table")
+    cells = lambda key: {v: f"{c[key]}/{c['n']}" for g in table.values() for v, c in g.items()}  # noqa: E731
+    return [{**common, "row": f"{exp.name}: SSD", "values": cells("found"), "note": note},
+            {**common, "row": f"{exp.name}: random boxes", "values": cells("found_random"), "note": note}]
+
+
 def refresh_rows(model_dir: str | Path) -> list[dict]:
     """Rebuild the report rows of an evaluated detector from its stored summary (labels change, numbers cannot)."""
     path = Path(model_dir) / "metrics.json"
@@ -954,6 +1012,8 @@ def refresh_rows(model_dir: str | Path) -> list[dict]:
     summary = metrics["summary"]
     metrics["results"] = _result_rows(exp, summary["model"], summary["oracle_boxes_random_class"],
                                       len(metrics["folds"]), metrics["provenance"], summary.get("random_boxes_random_class"))
+    if "lesions_found" in metrics:
+        metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], metrics["provenance"])
     save_json(path, metrics)
     return metrics["results"]
 

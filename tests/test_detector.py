@@ -132,11 +132,11 @@ def trained(tmp_path_factory, annotations):
     return out, metrics
 
 
-def test_end_to_end_training_writes_metrics(trained):
+def test_end_to_end_training_writes_metrics(trained, annotations):
     out, metrics = trained
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
-    rows = {r["row"]: r for r in on_disk["results"]}
+    rows = {r["row"]: r for r in on_disk["results"] if r["table"] != D.LESIONS_TABLE}
     assert set(rows) == {"SSD96 cnn (random, 1 epochs, flips/rot90)", "Oracle boxes, random class",
                          "Random boxes, random class", "Poster (reference)"}
     assert rows["Poster (reference)"]["values"] == {"benign AP": 0.80, "malignant AP": 0.806, "mAP": 0.803}
@@ -155,9 +155,19 @@ def test_end_to_end_training_writes_metrics(trained):
     assert all(math.isfinite(chance[k]) and 0 <= chance[k] <= 1 for k in ("mAP", "sens@1FP"))
     assert on_disk["folds"][0]["random_boxes_random_class"]["n_images"] == on_disk["folds"][0]["n_test"]
     fold = on_disk["folds"][0]
+    # Which lesions are found: every located test lesion counted once in each grouping, beside chance.
+    test_refnums = {f"mdb{2 * p - 1:03d}" for p in fold["test_patients"]} | {f"mdb{2 * p:03d}" for p in fold["test_patients"]}
+    n_located = int((annotations["has_location"] & annotations["refnum"].isin(test_refnums)).sum())
+    found = on_disk["lesions_found"]
+    assert set(found) == {"abnormality", "tissue", "severity", "radius"} and n_located > 0
+    assert all(sum(c["n"] for c in cells.values()) == n_located for cells in found.values())
+    assert sum(c["found"] for c in found["severity"].values()) == round(model["sens@1FP"] * n_located)
+    lesion_rows = [r for r in on_disk["results"] if r["table"] == D.LESIONS_TABLE]
+    assert [r["row"] for r in lesion_rows] == ["tiny: SSD", "tiny: random boxes"]
     assert fold["n_test"] > 0 and fold["training"]["epochs"] == 1 and fold["training"]["train_images_per_s"] > 0
     assert not set(fold["train_patients"]) & set(fold["test_patients"])
     for name in ("model.keras", "config.json", "pr_curves.png", "ap_bars.png", "froc.png", "training_curves.png",
+                 "lesions_found.png",
                  "images/detections.png", "folds/fold0/training_log.csv", "folds/fold0/model.keras"):
         assert (out / name).is_file(), name
     # A second run finds the trained fold and only evaluates: same model file, same numbers.
@@ -330,3 +340,19 @@ def test_select_on_validation_map_logs_it_and_names_it(tmp_path, annotations):
     lesionless = D.DetectorExperiment(**{**TINY, "select_on": "val_mAP", "train": {**TINY["train"], "early_stopping": True}})
     with pytest.raises(ConfigError, match="no lesion, so val_mAP is undefined"):
         D.train_experiment(lesionless, tmp_path / "lesionless", annotations=annotations)
+
+
+def test_lesions_found_summary_counts_each_group_with_a_wilson_interval():
+    lesions = pd.DataFrame({"abnormality": ["CIRC", "CIRC", "CALC", "SPIC"], "tissue": ["F", "D", "D", "G"],
+                            "severity": ["B", "B", "M", "M"], "radius": [10, 25, 49, 50],
+                            "found": [True, False, False, True], "found_random": [False, False, True, False]})
+    table = D.lesions_found_summary(lesions)
+    circ = table["abnormality"]["CIRC (circumscribed mass)"]
+    assert (circ["n"], circ["found"], circ["found_random"], circ["sensitivity"]) == (2, 1, 0, 0.5)
+    assert circ["ci"] == pytest.approx([0.0945, 0.9055], abs=1e-4)   # Wilson 95 % for 1 of 2, by hand
+    assert {k: v["n"] for k, v in table["radius"].items()} == {"radius < 25 px": 1, "radius 25-49 px": 2,
+                                                               "radius >= 50 px": 1}
+    assert list(table["radius"]) == ["radius < 25 px", "radius 25-49 px", "radius >= 50 px"]  # small to large
+    assert list(table["tissue"]) == ["fatty", "fatty-glandular", "dense-glandular"]
+    assert table["tissue"]["dense-glandular"]["found_random"] == 1
+    assert table["severity"]["malignant"]["sensitivity"] == 0.5

@@ -12,6 +12,7 @@ import pytest
 from mammo_tf.metrics.detection import (
     average_precision,
     evaluate_detections,
+    found_at_fp,
     froc,
     iou_matrix,
     match_detections,
@@ -377,6 +378,21 @@ def test_froc_hand_worked_centre_criterion():
     assert sensitivity_at_fp(f, 2 / 3) == 1.0
     np.testing.assert_allclose(f["grid_sensitivity"], [0.5, 0.5, 0.5, 1, 1, 1, 1])
     assert f["mean_sensitivity"] == pytest.approx(5.5 / 7)
+
+
+def test_found_at_fp_names_the_lesions_behind_each_operating_point():
+    f = froc(*_froc_case())
+    # L1 (first image) is hit at .9 (and .5), L2 at .6; given in input order.
+    np.testing.assert_allclose(f["lesion_scores"], [0.9, 0.6])
+    assert found_at_fp(f, 0.0).tolist() == [True, False]      # threshold .9: no false positive yet
+    assert found_at_fp(f, 0.5).tolist() == [True, False]      # .8 brings a false positive, not L2
+    assert found_at_fp(f, 2 / 3).tolist() == [True, True]     # down to .5: L2 found at .6
+    for fp in (0.0, 0.5, 2 / 3, 1.0, 8.0):
+        assert found_at_fp(f, fp).mean() == sensitivity_at_fp(f, fp)
+    missed = froc([gt([L1], [1])], [det([FAR], [1], [0.9])])
+    assert found_at_fp(missed, 8.0).tolist() == [False] and missed["lesion_scores"].tolist() == [-np.inf]
+    with pytest.raises(ValueError, match="fp"):
+        found_at_fp(f, -1.0)
 
 
 def test_froc_iou_criterion_and_class_filter():

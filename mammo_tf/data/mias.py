@@ -27,6 +27,9 @@ REFNUMS = tuple(f"mdb{i:03d}" for i in range(1, N_IMAGES + 1))
 CLASSES = ("normal", "benign", "malignant")
 TISSUES = {"F": "fatty", "G": "fatty-glandular", "D": "dense-glandular"}
 ABNORMALITIES = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM", "NORM")
+ABNORMALITY_NAMES = {"CALC": "calcification", "CIRC": "circumscribed mass", "SPIC": "spiculated mass",
+                     "MISC": "ill-defined mass", "ARCH": "architectural distortion", "ASYM": "asymmetry",
+                     "NORM": "normal"}
 SEVERITIES = {"B": "benign", "M": "malignant"}
 MANIFEST = Path(__file__).with_name("mias_sha256.txt")
 _VERIFIED_MARKER = ".mammo_tf_verified"

@@ -359,7 +359,8 @@ def froc(
         fp_scores.append(ds[~hit.any(axis=1)] if len(gb) else ds)
         all_scores.append(ds)
 
-    lesion = np.sort(np.concatenate(lesion_scores))
+    per_lesion = np.concatenate(lesion_scores) if lesion_scores else np.zeros(0)
+    lesion = np.sort(per_lesion)
     fps_sorted = np.sort(np.concatenate(fp_scores))
     thresholds = np.concatenate([[np.inf], np.unique(np.concatenate(all_scores))[::-1]])
     n_images, n_lesions = len(ground_truths), len(lesion)
@@ -378,6 +379,8 @@ def froc(
         "fps": fps,
         "sensitivity": sensitivity,
         "grid_fps": grid,
+        # Each lesion's best hitting score, in the order the lesions were given (-inf: never hit).
+        "lesion_scores": per_lesion,
     }
     result["grid_sensitivity"] = np.array([sensitivity_at_fp(result, f) for f in grid])
     result["mean_sensitivity"] = float(np.mean(result["grid_sensitivity"])) if len(grid) else float("nan")
@@ -393,3 +396,14 @@ def sensitivity_at_fp(froc_result: Mapping[str, Any], fp: float = 1.0) -> float:
     # Both are non-decreasing as the threshold falls: the last point within budget is the best.
     idx = int(np.searchsorted(fps, fp, side="right")) - 1
     return float(sens[idx]) if idx >= 0 else 0.0
+
+
+def found_at_fp(froc_result: Mapping[str, Any], fp: float = 1.0) -> np.ndarray:
+    """Per lesion (in the order given to `froc`), whether it is found at the best operating point within ``fp``."""
+    if not np.isfinite(fp) or fp < 0:
+        raise ValueError(f"fp must be finite and >= 0, got {fp}")
+    fps = np.asarray(froc_result["fps"], dtype=np.float64)
+    scores = np.asarray(froc_result["lesion_scores"], dtype=np.float64)
+    # The same operating point as `sensitivity_at_fp`: the lowest threshold still within the budget.
+    idx = int(np.searchsorted(fps, fp, side="right")) - 1
+    return scores >= froc_result["thresholds"][idx] if idx >= 0 else np.zeros(len(scores), bool)

@@ -223,3 +223,28 @@ def plot_default_boxes(image: np.ndarray, anchor_cfg: Any, gt_boxes: np.ndarray 
         ax_match.set_title(f"{len(positive)} default boxes matched (IoU >= {match_iou} or best) to the lesion",
                            fontsize=9)
     return fig
+
+
+def plot_lesions_found(table: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "") -> Figure:
+    """Share of lesions found at 1 FP per image, model against random boxes, one panel per lesion grouping."""
+    fig = Figure(figsize=(4.2 * len(table), 4.6))
+    axes = np.atleast_1d(fig.subplots(1, len(table), sharey=True))
+    for ax, (group, cells) in zip(axes, table.items()):
+        names = list(cells)
+        xs = np.arange(len(names))
+        sens = np.array([cells[n]["sensitivity"] for n in names])
+        low, high = (np.array([cells[n]["ci"][i] for n in names]) for i in (0, 1))
+        ax.bar(xs - 0.2, sens, 0.4, color="C0", label="SSD (Wilson 95 % CI)",
+               yerr=[sens - low, high - sens], capsize=3, error_kw={"lw": 1})
+        ax.bar(xs + 0.2, [cells[n]["sensitivity_random"] for n in names], 0.4, color="0.7", label="random boxes")
+        for x, n, top in zip(xs, names, high):
+            ax.text(x - 0.2, top + 0.02, f"{cells[n]['found']}/{cells[n]['n']}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs, [n.replace(" (", "\n(") for n in names], fontsize=7, rotation=45, ha="right")
+        ax.set_title(group)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("lesions found at 1 false positive per image")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{title}: which lesions are found (test folds pooled)" if title else "Which lesions are found")
+    fig.tight_layout()
+    return fig
