@@ -388,7 +388,7 @@ def classifier_folds(classifier_dir: str | Path, annotations: pd.DataFrame | Non
     cdir = Path(classifier_dir)
     exp = from_dict(classify.ClassifierExperiment, load_config(cdir / "config.yaml"))
     ann = annotations if annotations is not None else mias.load_annotations()
-    refnums = classify._films_subset(ann, exp)
+    refnums = classify.films_subset(ann, exp)
     if refnums is not None:
         ann = ann[ann["refnum"].isin(refnums)].reset_index(drop=True)
     patient_of = mias.images_table(ann).set_index("refnum")["patient_id"]

@@ -97,7 +97,8 @@ def _subsample_normals(records: pd.DataFrame, ratio: float | None, seed: int) ->
     return pd.concat([abnormal, normal.sample(n=n, random_state=seed)]).sort_index().reset_index(drop=True)
 
 
-def _predict(model: Any, records: pd.DataFrame, films: patches.FilmCache, batch_size: int) -> np.ndarray:
+def predict_patches(model: Any, records: pd.DataFrame, films: patches.FilmCache, batch_size: int) -> np.ndarray:
+    """Class probabilities of a trained classifier for these patch records (unaugmented, in order)."""
     ds = pipelines.patch_dataset(records.assign(label_id=records["label_id"].clip(lower=0)), training=False,
                                  batch_size=batch_size, films=films, cache=False)
     return model.predict(ds.map(lambda x, y: x), verbose=0)
@@ -345,7 +346,7 @@ def _fit_cnn(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.Dat
         history.to_csv(fold_dir / "history.csv", index=False)
         with atomic_path(model_path) as tmp:
             model.save(tmp)
-    return (lambda frame: _predict(model, frame, films, tcfg.batch_size)), {
+    return (lambda frame: predict_patches(model, frame, films, tcfg.batch_size)), {
         "trained_here": trained_here, "epochs_run": int(len(history))}
 
 
@@ -500,7 +501,7 @@ def _naive_split_audit(exp: ClassifierExperiment, ann: pd.DataFrame, films: patc
         # Its model is not kept: re-evaluating the run reports the audit it trained, not a retrained one.
         return load_json(stored)
     copies = [patches.cut_patches(ann, exp.strategy, exp.size, seed=exp.seed + c, films=films,
-                                  refnums=_films_subset(ann, exp), **{**exp.patch_options, "jitter": 24})
+                                  refnums=films_subset(ann, exp), **{**exp.patch_options, "jitter": 24})
               for c in range(4)]
     pool = pd.concat(copies, ignore_index=True)
     train, test = train_test_split(pool, test_size=0.2, random_state=exp.seed, stratify=pool["label_id"])
@@ -516,7 +517,7 @@ def _naive_split_audit(exp: ClassifierExperiment, ann: pd.DataFrame, films: patc
         pipelines.patch_dataset(val.reset_index(drop=True), training=False, **kw), tcfg, out / "naive_split",
         class_weight=pipelines.class_weights(train), verbose=2)
     shared = len(set(train["patient_id"]) & set(test["patient_id"]))
-    audit = {"cnn": _report(test["label_id"].to_numpy(), _predict(model, test.reset_index(drop=True), films, tcfg.batch_size)),
+    audit = {"cnn": _report(test["label_id"].to_numpy(), predict_patches(model, test.reset_index(drop=True), films, tcfg.batch_size)),
              "patients_on_both_sides": shared, "n_test": int(len(test))}
     save_json(stored, audit)
     return audit
@@ -541,7 +542,8 @@ def lesion_copies(ann: pd.DataFrame, exp: ClassifierExperiment, films: patches.F
     return pool[pool["label_id"] > 0].drop_duplicates(PATCH_KEY).reset_index(drop=True)
 
 
-def _films_subset(ann: pd.DataFrame, exp: ClassifierExperiment) -> list[str] | None:
+def films_subset(ann: pd.DataFrame, exp: ClassifierExperiment) -> list[str] | None:
+    """The films of the experiment's ``max_films`` subset (whole patients, every class), or None for all."""
     if exp.max_films is None:
         return None
     # Whole patients, stratified by label, so the small setting keeps every class.
@@ -777,7 +779,7 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     t0 = time.perf_counter()
     ann = mias.load_annotations()
     films = patches.WholeFilms(exp.size) if whole else patches.FilmCache()
-    refnums = _films_subset(ann, exp)
+    refnums = films_subset(ann, exp)
     if refnums is not None:
         ann = ann[ann["refnum"].isin(refnums)].reset_index(drop=True)
     if whole:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_tf import bilateral, ensemble, patches
-from mammo_tf.config import provenance
+from mammo_tf.config import from_dict, provenance
 from mammo_tf.data import mias, splits
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 
@@ -67,8 +67,8 @@ def validation_patch_aucs(run_dirs: list[Path], batch_size: int = 256) -> pd.Dat
     exp = exps[0]
     ann = mias.load_annotations()
     if exp.get("max_films"):
-        ann = ann[ann["refnum"].isin(classify._films_subset(ann, classify.from_dict(
-            classify.ClassifierExperiment, exp)))].reset_index(drop=True)
+        subset = classify.films_subset(ann, from_dict(classify.ClassifierExperiment, exp))
+        ann = ann[ann["refnum"].isin(subset)].reset_index(drop=True)
     films = patches.FilmCache()
     grid = patches.cut_patches(ann, "grid_keep", exp["size"], seed=exp["seed"], films=films)
     n_folds = min(exp["folds"], exp.get("max_folds") or exp["folds"])
@@ -80,7 +80,7 @@ def validation_patch_aucs(run_dirs: list[Path], batch_size: int = 256) -> pd.Dat
               f"{len(run_dirs)} models", flush=True)
         table[k] = {}
         for d in run_dirs:
-            proba = classify._predict(classify.load_fold_model(d / f"fold{k}"), val, films, batch_size)
+            proba = classify.predict_patches(classify.load_fold_model(d / f"fold{k}"), val, films, batch_size)
             table[k][d.name] = safe_roc_auc(y, 1.0 - proba[:, 0])
     return pd.DataFrame.from_dict(table, orient="index")
 

@@ -126,7 +126,7 @@ def folders(tmp_path_factory, annotations):
     (cdir / "fold0").mkdir(parents=True)
     classifier = clf.build_classifier(clf.ClassifierConfig(input_size=128))
     classifier.save(cdir / "fold0" / "model.keras")
-    sub = annotations[annotations["refnum"].isin(classify._films_subset(annotations, cexp))]
+    sub = annotations[annotations["refnum"].isin(classify.films_subset(annotations, cexp))]
     _, test = splits.patient_folds(sub, cexp.folds, cexp.seed)[0]
     films = mias.images_table(sub)
     films = films[films["patient_id"].isin(test)]

@@ -97,3 +97,24 @@ def test_cli_prints_the_rows(tmp_path, capsys, monkeypatch):
                                                                                 "c": [0.5, 0.6]}))
     assert cli.main(["select-classifier", "--models", *runs, "--out", str(tmp_path / "out")]) == 0
     assert "recipe chosen per fold on validation patients" in capsys.readouterr().out
+
+
+def test_validation_aucs_run_each_fold_model_on_its_held_out_patients(tmp_path):
+    import dataclasses
+
+    import keras
+
+    from mammo_tf import classify
+    from mammo_tf.models import classifier as clf
+
+    runs = []
+    for i, name in enumerate("ab"):
+        exp = classify.ClassifierExperiment(name=name, folds=2, max_folds=1, max_films=60, seed=0)
+        (tmp_path / name / "fold0").mkdir(parents=True)
+        keras.utils.set_random_seed(i)   # untrained networks with other weights: scores, not skill, are checked
+        clf.build_classifier(clf.ClassifierConfig(input_size=128)).save(tmp_path / name / "fold0" / "model.keras")
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"experiment": dataclasses.asdict(exp)}))
+        runs.append(tmp_path / name)
+    table = S.validation_patch_aucs(runs)
+    assert list(table.columns) == ["a", "b"] and list(table.index) == [0]
+    assert all(0.0 <= v <= 1.0 for v in table.loc[0])
