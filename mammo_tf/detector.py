@@ -981,7 +981,7 @@ def lesions_found_summary(lesions: pd.DataFrame) -> dict[str, dict[str, dict]]:
     # Categories keep a reading order (fatty to dense, small to large) and drop values absent here.
     groups = {"abnormality": lesions["abnormality"].map(lambda a: f"{a} ({mias.ABNORMALITY_NAMES[a]})"),
               "tissue": pd.Categorical(lesions["tissue"].map(mias.TISSUES), categories=list(mias.TISSUES.values())),
-              "severity": lesions["severity"].map({"B": "benign", "M": "malignant"}),
+              "severity": lesions["severity"].map(mias.SEVERITIES),
               "radius": pd.Categorical(radius, categories=list(RADIUS_BINS))}
     out: dict[str, dict[str, dict]] = {}
     for group, key in groups.items():

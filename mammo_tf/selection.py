@@ -27,6 +27,8 @@ from mammo_tf.data import mias, splits
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 
 TABLE = "Classification: recipe chosen per fold on validation patients (nested selection)"
+SUBGROUP_TABLE = ("Classification: recipe chosen per fold on validation patients, by lesion type and breast tissue "
+                  "(grid_keep test patches, folds pooled)")
 # What must agree for runs to be candidates on the same folds, validation patients and test samples.
 SHARED = ("seed", "folds", "val_fraction", "size", "max_films", "max_folds")
 # Per level: the stored test predictions' abnormal score, and how the level is named in the rows.
@@ -120,8 +122,36 @@ def chosen_predictions(frames: dict[str, pd.DataFrame], choice: pd.Series, level
     return pd.concat(parts, ignore_index=True)
 
 
+def subgroups(chosen: pd.DataFrame, annotations: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Chosen model against its logistic baseline on the patches of each lesion type and each breast tissue."""
+    from mammo_tf.metrics.classification import bootstrap_auc_ci, safe_roc_auc
+
+    films = mias.images_table(annotations).set_index("refnum")
+    lesion_type = annotations[annotations["label_id"] > 0].drop_duplicates("refnum").set_index("refnum")["abnormality"]
+    y = (chosen["label_id"] > 0).to_numpy()
+    kind, tissue = chosen["refnum"].map(lesion_type).to_numpy(), chosen["refnum"].map(films["tissue"]).to_numpy()
+    # A lesion type's abnormal patches against every normal patch; a tissue's patches against each other.
+    masks = {f"{a} ({mias.ABNORMALITY_NAMES[a]}) vs all normal patches": ~y | (kind == a)
+             for a in mias.ABNORMALITIES if a != "NORM"}
+    masks.update({f"{name} breasts": tissue == code for code, name in mias.TISSUES.items()})
+    patients = chosen["refnum"].map(bilateral.patient_of).to_numpy()
+    out = {}
+    for name, mask in masks.items():
+        yy = y[mask]
+        if yy.sum() < 2 or (~yy).sum() < 2:
+            continue
+        sub = chosen[mask]
+        ci = bootstrap_auc_ci(yy, sub["score"], groups=patients[mask], n_boot=n_boot, seed=seed,
+                              baseline=sub["score_logistic"])
+        out[name] = {"n_abnormal": int(yy.sum()), "n_normal": int((~yy).sum()),
+                     "auc": safe_roc_auc(yy, sub["score"]), "auc_logistic": safe_roc_auc(yy, sub["score_logistic"]),
+                     "difference": ci}
+    return out
+
+
 def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None,
-             validation: dict[str, pd.DataFrame] | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
+             validation: dict[str, pd.DataFrame] | None = None, n_boot: int = 2000, seed: int = 0,
+             annotations: pd.DataFrame | None = None) -> dict:
     """Choose each fold's recipe on validation patients, score the choice on test patients; write metrics, figure."""
     from mammo_tf.metrics.classification import bootstrap_auc_ci, paired_differences
     from mammo_tf.plots.classification import plot_validation_vs_test
@@ -167,18 +197,30 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                           "minus_logistic": d, "bootstrap": ci, "best_on_test": best,
                           "rank_correlation": _rank_correlation(val, test)}
         values["chosen"][f"{where}: validation-test rank correlation"] = summary[level]["rank_correlation"]["mean"]
+        if level == "patch":
+            summary["patch_subgroups"] = subgroups(chosen, annotations if annotations is not None
+                                                   else mias.load_annotations(), n_boot=n_boot // 2, seed=seed)
         panels[where] = (val, test, choice)
     n_folds = len(next(iter(validation.values())))
     note = (f"{len(names)} candidate runs on the same {n_folds} patient folds; each fold's run has the best "
             "validation-patient AUC (patches: grid_keep patches of the validation patients, scored here; films: "
             "max rule, as stored by each run); mean ± std over folds; Δ: minus the logistic regression on "
-            f"intensity features fitted on the chosen run's training patches, per fold; CI: {n_boot} resamples of "
+            "intensity features fitted on the chosen run's training patches (films: its training films), per fold; "
+            f"CI: {n_boot} resamples of "
             "test patients within folds; rank correlation: Spearman's, validation vs test AUC over the runs, mean "
             "over folds")
     labels = {"chosen": "recipe chosen per fold on validation patients",
-              "logistic": "logistic, intensity (fitted on the chosen run's training patches)",
+              "logistic": "logistic, intensity (the chosen run's own baseline, same training patients)",
               "best on test": "best mean test AUC of the candidates (chosen on test patients: optimistic)"}
     rows = [{"table": TABLE, "row": labels[key], "values": vals, "note": note, **common} for key, vals in values.items()]
+    sub_note = (f"the chosen fold models' test patches, folds pooled (a type is missing from some folds); CI: "
+                f"{n_boot // 2} resamples of test patients; no correction for the {len(summary.get('patch_subgroups', {}))} "
+                "groups")
+    rows += [{"table": SUBGROUP_TABLE, "row": name, "note": sub_note, **common,
+              "values": {"abnormal patches": g["n_abnormal"], "normal patches": g["n_normal"], "CNN AUC": g["auc"],
+                         "logistic AUC": g["auc_logistic"], "Δ AUC": g["difference"]["auc_difference"],
+                         "Δ 95 % CI": f"[{g['difference']['ci_low']:.3f}, {g['difference']['ci_high']:.3f}]"}}
+             for name, g in summary.get("patch_subgroups", {}).items()]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for level, val in validation.items():

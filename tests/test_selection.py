@@ -62,7 +62,7 @@ def test_the_chosen_runs_test_predictions_are_scored_against_their_baseline_by_h
     assert chosen["grid_keep test patches: runs chosen (fold 0, 1, ...)"] == "a, b"
     assert chosen["grid_keep test patches: folds ahead"] == "2/2"
     assert chosen["whole mammogram, max rule: abnormal AUC"] == pytest.approx([0.75, 0.0])
-    assert rows["logistic, intensity (fitted on the chosen run's training patches)"][
+    assert rows["logistic, intensity (the chosen run's own baseline, same training patients)"][
         "grid_keep test patches: abnormal AUC"] == pytest.approx([0.75, 0.0])
     assert (tmp_path / "out" / "validation_vs_test.png").is_file()
     assert pd.read_csv(tmp_path / "out" / "validation_auc_film.csv", index_col="fold")["c"].tolist() == [0.6, 0.6]
@@ -118,3 +118,18 @@ def test_validation_aucs_run_each_fold_model_on_its_held_out_patients(tmp_path):
     table = S.validation_patch_aucs(runs)
     assert list(table.columns) == ["a", "b"] and list(table.index) == [0]
     assert all(0.0 <= v <= 1.0 for v in table.loc[0])
+
+
+def test_subgroups_compare_each_lesion_type_against_all_normal_patches_by_hand(annotations):
+    films = annotations.drop_duplicates("refnum")
+    calc = films[(films["abnormality"] == "CALC") & (films["label_id"] > 0)]["refnum"].tolist()[:2]
+    circ = films[(films["abnormality"] == "CIRC") & (films["label_id"] > 0)]["refnum"].tolist()[:2]
+    normal = films[films["label_id"] == 0]["refnum"].tolist()[:4]
+    chosen = pd.DataFrame({"refnum": calc + circ + normal, "label_id": [1, 1, 1, 1, 0, 0, 0, 0],
+                           "score": [0.9, 0.8, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "score_logistic": 0.5})
+    groups = S.subgroups(chosen, annotations, n_boot=50)
+    calc_row = groups["CALC (calcification) vs all normal patches"]
+    circ_row = groups["CIRC (circumscribed mass) vs all normal patches"]
+    assert (calc_row["n_abnormal"], calc_row["n_normal"], calc_row["auc"], calc_row["auc_logistic"]) == (2, 4, 1.0, 0.5)
+    assert circ_row["auc"] == 0.0 and circ_row["difference"]["auc_difference"] == -0.5
+    assert not any(name.startswith("SPIC") for name in groups)   # no spiculated patch here: no row
