@@ -810,8 +810,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                                             seed=exp.seed + fold.index)
         guesses = _to_eval_pixels(exp, samples, fold.test, guesses)
         chance, _, chance_froc = detection_metrics(gts, guesses, exp.iou_threshold, exp.nms_iou_threshold)
-        if exp.protocol == "whole":
-            lesions.append(_lesions_found(fold.test, samples.annotations, fr, chance_froc, fold.index))
+        lesions.append(_lesions_found(exp, fold.test, samples.annotations, fr, chance_froc, fold.index))
         train_dets = _to_eval_pixels(exp, samples, fold.train, found["train"])
         flat["train_mAP"] = detection_metrics(_ground_truth(exp, fold.train, samples.annotations), train_dets,
                                               exp.iou_threshold, exp.nms_iou_threshold)[0]["map"]
@@ -955,16 +954,36 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
 # Which lesions the whole-film detector finds, by groups fixed before any result was seen: the MIAS
 # abnormality class, breast tissue, severity and the annotated radius (film pixels of 200 um).
 RADIUS_BINS = {"radius < 25 px": (0, 25), "radius 25-49 px": (25, 50), "radius >= 50 px": (50, np.inf)}
-LESIONS_TABLE = "Detection, whole films: lesions found at 1 false positive per image, by lesion type"
+LESIONS_TABLES = {
+    "whole": "Detection, whole films: lesions found at 1 false positive per image, by lesion type",
+    "crops": "Detection, crops around lesions (location given): lesions found at 1 false positive per crop, "
+             "by lesion type"}
 
 
-def _lesions_found(records: pd.DataFrame, annotations: pd.DataFrame, model_froc: dict, chance_froc: dict,
-                   fold: int) -> pd.DataFrame:
-    """Each located test lesion (in `_ground_truth`'s order), found or not at 1 FP per image by model and chance."""
+def _test_lesions(exp: DetectorExperiment, records: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataFrame:
+    """The annotation row of every ground-truth box `_ground_truth` gives for these records, in its order."""
+    located = annotations[annotations["has_location"]]
+    if exp.protocol == "whole":
+        return pd.concat([located[located["refnum"] == r] for r in records["refnum"]])
+    parts = []
+    for r in records.itertuples():
+        rows = located[located["refnum"] == r.refnum]
+        if rows.empty:  # a normal film's crop
+            continue
+        # A crop carries the film's lesions that stay at least half visible in it, in the film's order.
+        _, _, keep = P.crop_boxes(mias.lesion_boxes(annotations, r.refnum)[0], r.top, r.left, r.size)
+        if int(keep.sum()) != len(r.boxes):
+            raise RuntimeError(f"{r.refnum} crop at ({r.top}, {r.left}): {len(r.boxes)} boxes, {int(keep.sum())} lesions")
+        parts.append(rows[keep])
+    return pd.concat(parts) if parts else located.iloc[:0]
+
+
+def _lesions_found(exp: DetectorExperiment, records: pd.DataFrame, annotations: pd.DataFrame, model_froc: dict,
+                   chance_froc: dict, fold: int) -> pd.DataFrame:
+    """Each test lesion (in `_ground_truth`'s order), found or not at 1 FP per image by model and chance."""
     from mammo_tf.metrics.detection import found_at_fp
 
-    located = annotations[annotations["has_location"]]
-    rows = pd.concat([located[located["refnum"] == r] for r in records["refnum"]])
+    rows = _test_lesions(exp, records, annotations)
     if len(rows) != len(model_froc["lesion_scores"]):
         raise RuntimeError(f"fold {fold}: {len(rows)} located lesions but {len(model_froc['lesion_scores'])} scored")
     return rows[["refnum", "abnormality", "tissue", "severity", "radius"]].assign(
@@ -996,9 +1015,12 @@ def lesions_found_summary(lesions: pd.DataFrame) -> dict[str, dict[str, dict]]:
 
 def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], prov: dict) -> list[dict]:
     """The model's and the random boxes' lesions found per group, one row each, as 'found/n'."""
-    common = {"table": LESIONS_TABLE, "command": prov["command"], "hardware": _hardware(prov), "date": prov["date"]}
-    note = ("located test lesions pooled over the folds, each fold at its own threshold for at most 1 false positive "
-            "per image (box centre in the lesion); random boxes: the chance reference of the detection table")
+    common = {"table": LESIONS_TABLES[exp.protocol], "command": prov["command"], "hardware": _hardware(prov),
+              "date": prov["date"]}
+    what = ("located test lesions" if exp.protocol == "whole" else
+            "lesions in the test crops (one seen in several crops counts in each)")
+    note = (f"{what} pooled over the folds, each fold at its own threshold for at most 1 false positive per image "
+            "(box centre in the lesion); random boxes: the chance reference of the detection table")
     cells = lambda key: {v: f"{c[key]}/{c['n']}" for g in table.values() for v, c in g.items()}  # noqa: E731
     return [{**common, "row": f"{exp.name}: SSD", "values": cells("found"), "note": note},
             {**common, "row": f"{exp.name}: random boxes", "values": cells("found_random"), "note": note}]

@@ -136,7 +136,7 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     out, metrics = trained
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
-    rows = {r["row"]: r for r in on_disk["results"] if r["table"] != D.LESIONS_TABLE}
+    rows = {r["row"]: r for r in on_disk["results"] if r["table"] != D.LESIONS_TABLES["whole"]}
     assert set(rows) == {"SSD96 cnn (random, 1 epochs, flips/rot90)", "Oracle boxes, random class",
                          "Random boxes, random class", "Poster (reference)"}
     assert rows["Poster (reference)"]["values"] == {"benign AP": 0.80, "malignant AP": 0.806, "mAP": 0.803}
@@ -162,7 +162,7 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     assert set(found) == {"abnormality", "tissue", "severity", "radius"} and n_located > 0
     assert all(sum(c["n"] for c in cells.values()) == n_located for cells in found.values())
     assert sum(c["found"] for c in found["severity"].values()) == round(model["sens@1FP"] * n_located)
-    lesion_rows = [r for r in on_disk["results"] if r["table"] == D.LESIONS_TABLE]
+    lesion_rows = [r for r in on_disk["results"] if r["table"] == D.LESIONS_TABLES["whole"]]
     assert [r["row"] for r in lesion_rows] == ["tiny: SSD", "tiny: random boxes"]
     assert fold["n_test"] > 0 and fold["training"]["epochs"] == 1 and fold["training"]["train_images_per_s"] > 0
     assert not set(fold["train_patients"]) & set(fold["test_patients"])
@@ -356,3 +356,19 @@ def test_lesions_found_summary_counts_each_group_with_a_wilson_interval():
     assert list(table["tissue"]) == ["fatty", "fatty-glandular", "dense-glandular"]
     assert table["tissue"]["dense-glandular"]["found_random"] == 1
     assert table["severity"]["malignant"]["sensitivity"] == 0.5
+
+
+def test_crop_lesions_follow_the_boxes_each_crop_carries(annotations):
+    films = mias.images_table(annotations)
+    several = films[films["n_located"] >= 2]["refnum"].tolist()[:3]
+    records = P.detection_crops(annotations, 300, crops_per_lesion=2, refnums=several)
+    rows = D._test_lesions(D.DetectorExperiment(protocol="crops"), records, annotations)
+    assert len(rows) == sum(len(b) for b in records["boxes"]) > len(records)   # some crops hold two lesions
+    start = 0
+    for r in records.itertuples():
+        mine = rows.iloc[start:start + len(r.boxes)]
+        start += len(r.boxes)
+        assert (mine["refnum"] == r.refnum).all() and r.lesion_row in mine.index  # the lesion it was cut for
+        # Each row's lesion centre lies in its box in crop pixels (boxes are clipped to the crop).
+        for (_, lesion), box in zip(mine.iterrows(), r.boxes):
+            assert box[0] - 1 <= lesion["y"] - r.top <= box[2] + 1 and box[1] - 1 <= lesion["x"] - r.left <= box[3] + 1
