@@ -92,7 +92,9 @@ def evaluate(models_dir: str | Path, out_dir: str | Path, command: str | None = 
     for name, folds in runs.items():
         mx, bi = [f["max"] for f in folds], [f["bilateral"] for f in folds]
         d = paired_differences(bi, mx)
-        spread = lambda v: [float(np.nanmean(v)), float(np.nanstd(v, ddof=1))]  # noqa: E731
+        # One fold (the small setting) has no spread: NaN, without numpy's degrees-of-freedom warning.
+        spread = lambda v: [float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1  # noqa: E731
+                            else float("nan")]
         summary[name] = {"folds": folds, "difference": d}
         rows.append({**common, "row": name, "values": {
             "max rule AUC": spread(mx), "minus other film AUC": spread(bi), "Δ AUC": [d["mean"], d["std"]],
