@@ -159,13 +159,14 @@ def run(cfg: PretrainConfig, model_config: ClassifierConfig, out_dir: str | Path
 def evaluate(model: Any, train: pd.DataFrame, val: pd.DataFrame, films: patches.FilmCache, cfg: PretrainConfig,
              batch_size: int = 16) -> tuple[dict, list]:
     """AUCs (patient-bootstrap CIs) of the CNN and the intensity baseline on training and held-out films; ROC curves."""
+    from mammo_tf import classify  # classify imports this module at its top
+
     results: dict[str, Any] = {}
     x_train = _features(train, films)
     curves = []
     for name, frame in (("train", train), ("validation", val)):
         y = (frame["label_id"].to_numpy() != 0)
-        ds = pipelines.patch_dataset(frame, training=False, cache=False, batch_size=batch_size, films=films)
-        cnn = 1.0 - model.predict(ds.map(lambda x, _: x), verbose=0)[:, 0]
+        cnn = 1.0 - classify.predict_patches(model, frame, films, batch_size)[:, 0]
         logistic = 1.0 - baselines.logistic_proba(x_train, train["label_id"].to_numpy(), _features(frame, films))[:, 0]
         patients = frame["patient_id"].to_numpy()
         results[name] = {
