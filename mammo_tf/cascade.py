@@ -50,6 +50,7 @@ import pandas as pd
 
 from mammo_tf import detector as D
 from mammo_tf import patches as P
+from mammo_tf.config import hardware_label
 from mammo_tf.data import mias
 from mammo_tf.io import load_json, save_figure, save_json
 
@@ -707,7 +708,7 @@ def _cell(summary: dict, key: str) -> Any:
 def _result_rows(exp: D.DetectorExperiment, summary: dict, pooled: dict, base_time: float, n_folds: int, prov: dict,
                  classifier: str, time_note: str = TIME_NOTE) -> list[dict]:
     cfg = exp.ssd_config()
-    common = {"table": TABLE, "command": prov["command"], "hardware": D._hardware(prov), "date": prov["date"]}
+    common = {"table": TABLE, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"]}
     rows = []
     for name, s in summary.items():
         t = pooled[name]["time_per_film_s"]

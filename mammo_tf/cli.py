@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
     cascade.add_cli(sub)
     external_eval.add_cli(sub)
-    from mammo_tf import bilateral, ensemble, selection
+    from mammo_tf import bilateral, ensemble, paired_detection, selection
 
     bilateral.add_cli(sub)
     add_runs_command(sub, "ensemble-classifier", ensemble.evaluate,
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_runs_command(sub, "select-classifier", selection.evaluate,
                      "a recipe per fold chosen on validation patients among trained runs, scored on test patients",
                      "run directories on the same patient folds (their order breaks ties)")
+    add_runs_command(sub, "compare-detectors", paired_detection.evaluate,
+                     "two evaluated detectors on the same test lesions: lesions found by each, exact McNemar",
+                     "two detector run directories on the same test samples")
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")

@@ -91,6 +91,13 @@ def provenance(command: str | None = None) -> dict:
     }
 
 
+def hardware_label(prov: dict) -> str:
+    """A provenance's machine in one line: CPU, cores and GPUs."""
+    hw = prov["hardware"]
+    gpus = hw["gpus"] if isinstance(hw["gpus"], str) else ", ".join(hw["gpus"])
+    return f"{hw['cpu']} ({hw['cpu_count']} cores), GPU: {gpus}"
+
+
 def keep_training_provenance(prov: dict, earlier_metrics: str | Path) -> dict:
     """On a re-evaluation, copy into ``prov`` how, when and where the models were trained (from the earlier metrics.json)."""
     path = Path(earlier_metrics)

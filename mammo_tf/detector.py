@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from mammo_tf import patches as P
-from mammo_tf.config import ConfigError, from_dict, keep_training_provenance, load_config, provenance
+from mammo_tf.config import (ConfigError, from_dict, hardware_label, keep_training_provenance, load_config,
+                             provenance)
 from mammo_tf.data import mias
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 
@@ -751,12 +752,6 @@ def _row_values(summary: dict) -> dict:
     return values
 
 
-def _hardware(prov: dict) -> str:
-    hw = prov["hardware"]
-    gpus = hw["gpus"] if isinstance(hw["gpus"], str) else ", ".join(hw["gpus"])
-    return f"{hw['cpu']} ({hw['cpu_count']} cores), GPU: {gpus}"
-
-
 def saved_model_detections(exp: DetectorExperiment, samples: Samples, out_dir: str | Path) -> Callable[[Fold], dict]:
     """``fold -> {"test", "train"[, "train_recut"]: detections}`` (normalised boxes, record order) of each fold's saved model."""
 
@@ -879,7 +874,12 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         "provenance": prov,
     }
     if lesions:
-        metrics["lesions_found"] = lesions_found_summary(pd.concat(lesions, ignore_index=True))
+        every = pd.concat(lesions, ignore_index=True)
+        # Per lesion, keyed by fold, crop and the lesion's place in its film, so that two detectors on the same test
+        # samples can be compared lesion by lesion (`paired_detection`); no annotation is copied.
+        with atomic_path(out / LESIONS_FILE) as tmp:
+            every[list(LESION_KEYS) + ["found", "found_random"]].to_csv(tmp, index=False)
+        metrics["lesions_found"] = lesions_found_summary(every)
         metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], prov)
         save_figure(dplots.plot_lesions_found(metrics["lesions_found"], exp.name), out / "lesions_found.png")
     save_json(out / "metrics.json", metrics)
@@ -922,10 +922,10 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     protocol = CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE
     table = ("Detection (mini-MIAS, crops around lesions: location given)" if exp.protocol == "crops"
              else "Detection (mini-MIAS, whole films: no prior location)")
-    hardware = _hardware(prov)
+    hardware = hardware_label(prov)
     trained = prov.get("trained_by", {}).get("hardware")
-    if trained and _hardware({"hardware": trained}) != hardware:  # trained on another machine (a GPU)
-        hardware = f"trained on {_hardware({'hardware': trained})}; evaluated on {hardware}"
+    if trained and hardware_label({"hardware": trained}) != hardware:  # trained on another machine (a GPU)
+        hardware = f"trained on {hardware_label({'hardware': trained})}; evaluated on {hardware}"
     common = {"table": table, "command": prov["command"], "hardware": hardware, "date": prov["date"]}
     init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
     carried = prov.get("trained_by", {}).get("init_weights")
@@ -960,22 +960,28 @@ LESIONS_TABLES = {
              "by lesion type"}
 
 
+LESIONS_FILE = "lesions_found.csv"
+# What names one test lesion in one test sample (a lesion seen in several crops is several).
+LESION_KEYS = ("fold", "refnum", "crop_top", "crop_left", "lesion")
+
+
 def _test_lesions(exp: DetectorExperiment, records: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataFrame:
     """The annotation row of every ground-truth box `_ground_truth` gives for these records, in its order."""
     located = annotations[annotations["has_location"]]
-    if exp.protocol == "whole":
-        return pd.concat([located[located["refnum"] == r] for r in records["refnum"]])
     parts = []
     for r in records.itertuples():
         rows = located[located["refnum"] == r.refnum]
-        if rows.empty:  # a normal film's crop
+        if rows.empty:  # a normal film or its crop
             continue
-        # A crop carries the film's lesions that stay at least half visible in it, in the film's order.
-        _, _, keep = P.crop_boxes(mias.lesion_boxes(annotations, r.refnum)[0], r.top, r.left, r.size)
-        if int(keep.sum()) != len(r.boxes):
-            raise RuntimeError(f"{r.refnum} crop at ({r.top}, {r.left}): {len(r.boxes)} boxes, {int(keep.sum())} lesions")
-        parts.append(rows[keep])
-    return pd.concat(parts) if parts else located.iloc[:0]
+        if exp.protocol == "crops":
+            # A crop carries the film's lesions that stay at least half visible in it, in the film's order.
+            _, _, keep = P.crop_boxes(mias.lesion_boxes(annotations, r.refnum)[0], r.top, r.left, r.size)
+            if int(keep.sum()) != len(r.boxes):
+                raise RuntimeError(f"{r.refnum} crop at ({r.top}, {r.left}): {len(r.boxes)} boxes, "
+                                   f"{int(keep.sum())} lesions")
+            rows = rows[keep]
+        parts.append(rows.assign(crop_top=r.top, crop_left=r.left))  # a prepared whole film: 0, 0
+    return pd.concat(parts) if parts else located.iloc[:0].assign(crop_top=0, crop_left=0)
 
 
 def _lesions_found(exp: DetectorExperiment, records: pd.DataFrame, annotations: pd.DataFrame, model_froc: dict,
@@ -986,24 +992,35 @@ def _lesions_found(exp: DetectorExperiment, records: pd.DataFrame, annotations: 
     rows = _test_lesions(exp, records, annotations)
     if len(rows) != len(model_froc["lesion_scores"]):
         raise RuntimeError(f"fold {fold}: {len(rows)} located lesions but {len(model_froc['lesion_scores'])} scored")
-    return rows[["refnum", "abnormality", "tissue", "severity", "radius"]].assign(
-        fold=fold, found=found_at_fp(model_froc, 1.0), found_random=found_at_fp(chance_froc, 1.0))
+    return rows[["refnum", "crop_top", "crop_left", "abnormality", "tissue", "severity", "radius"]].assign(
+        lesion=lesion_numbers(annotations).loc[rows.index].to_numpy(), fold=fold, found=found_at_fp(model_froc, 1.0),
+        found_random=found_at_fp(chance_froc, 1.0))
+
+
+def lesion_numbers(annotations: pd.DataFrame) -> pd.Series:
+    """Each located lesion's place among its film's located lesions (0, 1, ...): a key that survives filtering."""
+    located = annotations[annotations["has_location"]]
+    return located.groupby("refnum", sort=False).cumcount()
+
+
+def lesion_groups(lesions: pd.DataFrame) -> dict[str, pd.Series]:
+    """Each lesion's abnormality, tissue, severity and radius bin, named and in reading order, to group by."""
+    radius = pd.Series(pd.NA, index=lesions.index, dtype="object")
+    for name, (lo, hi) in RADIUS_BINS.items():
+        radius[(lesions["radius"] >= lo) & (lesions["radius"] < hi)] = name
+    # Categories keep a reading order (fatty to dense, small to large) and drop values absent here.
+    return {"abnormality": lesions["abnormality"].map(lambda a: f"{a} ({mias.ABNORMALITY_NAMES[a]})"),
+            "tissue": pd.Categorical(lesions["tissue"].map(mias.TISSUES), categories=list(mias.TISSUES.values())),
+            "severity": lesions["severity"].map(mias.SEVERITIES),
+            "radius": pd.Categorical(radius, categories=list(RADIUS_BINS))}
 
 
 def lesions_found_summary(lesions: pd.DataFrame) -> dict[str, dict[str, dict]]:
     """Lesions found per group and value, pooled over folds, with a Wilson 95 % interval for the model's share."""
     from scipy.stats import binomtest
 
-    radius = pd.Series(pd.NA, index=lesions.index, dtype="object")
-    for name, (lo, hi) in RADIUS_BINS.items():
-        radius[(lesions["radius"] >= lo) & (lesions["radius"] < hi)] = name
-    # Categories keep a reading order (fatty to dense, small to large) and drop values absent here.
-    groups = {"abnormality": lesions["abnormality"].map(lambda a: f"{a} ({mias.ABNORMALITY_NAMES[a]})"),
-              "tissue": pd.Categorical(lesions["tissue"].map(mias.TISSUES), categories=list(mias.TISSUES.values())),
-              "severity": lesions["severity"].map(mias.SEVERITIES),
-              "radius": pd.Categorical(radius, categories=list(RADIUS_BINS))}
     out: dict[str, dict[str, dict]] = {}
-    for group, key in groups.items():
+    for group, key in lesion_groups(lesions).items():
         for value, g in lesions.groupby(key, sort=True, observed=True):
             n, k = len(g), int(g["found"].sum())
             ci = binomtest(k, n).proportion_ci(method="wilson")
@@ -1015,7 +1032,7 @@ def lesions_found_summary(lesions: pd.DataFrame) -> dict[str, dict[str, dict]]:
 
 def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], prov: dict) -> list[dict]:
     """The model's and the random boxes' lesions found per group, one row each, as 'found/n'."""
-    common = {"table": LESIONS_TABLES[exp.protocol], "command": prov["command"], "hardware": _hardware(prov),
+    common = {"table": LESIONS_TABLES[exp.protocol], "command": prov["command"], "hardware": hardware_label(prov),
               "date": prov["date"]}
     what = ("located test lesions" if exp.protocol == "whole" else
             "lesions in the test crops (one seen in several crops counts in each)")

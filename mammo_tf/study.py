@@ -129,12 +129,13 @@ def step_report(cfg: dict, out: Path) -> dict:
     models = out / "models"
     if not models.is_dir():
         return {}
-    from mammo_tf import bilateral, ensemble, selection
+    from mammo_tf import bilateral, ensemble, paired_detection, selection
 
     if any(models.glob("*/fold*/film_predictions.csv")):  # the classifier runs' films, read bilaterally
         bilateral.evaluate(models, models / "bilateral_films", command="study step report (bilateral)")
-    # Replicates of one recipe, and a recipe per fold chosen on validation patients, once every run is trained.
-    for key, module in (("ensembles", ensemble), ("selections", selection)):
+    # Replicates of one recipe, a recipe per fold chosen on validation patients, and two detectors on the
+    # same test lesions, once every run is trained.
+    for key, module in (("ensembles", ensemble), ("selections", selection), ("paired_detectors", paired_detection)):
         for group in cfg.get(key, []):
             runs = [models / name for name in group["runs"]]
             if all((run / "metrics.json").is_file() for run in runs):

@@ -33,8 +33,10 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     assert {"data", "classifier", "detector", "cascade", "external", "report"} <= set(cfg["steps"])
     assert cfg["cascade"]["classifier"] in names and cfg["cascade"]["detector"] in names
     assert cfg["external"]["classifier"] in names and cfg["external"]["detector"] in names
-    for group in cfg.get("ensembles", []) + cfg.get("selections", []):  # runs of this setting, at least two
+    # Runs of this setting, at least two (exactly two for a paired comparison).
+    for group in cfg.get("ensembles", []) + cfg.get("selections", []) + cfg.get("paired_detectors", []):
         assert len(group["runs"]) >= 2 and set(group["runs"]) <= set(names) and group["name"] not in names
+    assert all(len(group["runs"]) == 2 for group in cfg.get("paired_detectors", []))
 
 
 def test_every_committed_training_config_is_in_the_full_setting():

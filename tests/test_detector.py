@@ -162,6 +162,10 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     assert set(found) == {"abnormality", "tissue", "severity", "radius"} and n_located > 0
     assert all(sum(c["n"] for c in cells.values()) == n_located for cells in found.values())
     assert sum(c["found"] for c in found["severity"].values()) == round(model["sens@1FP"] * n_located)
+    per_lesion = pd.read_csv(out / D.LESIONS_FILE)   # the same outcomes, lesion by lesion, keyed for pairing
+    assert list(per_lesion.columns) == [*D.LESION_KEYS, "found", "found_random"] and len(per_lesion) == n_located
+    assert set(per_lesion["refnum"]) <= test_refnums and int(per_lesion["found"].sum()) == sum(
+        c["found"] for c in found["severity"].values())
     lesion_rows = [r for r in on_disk["results"] if r["table"] == D.LESIONS_TABLES["whole"]]
     assert [r["row"] for r in lesion_rows] == ["tiny: SSD", "tiny: random boxes"]
     assert fold["n_test"] > 0 and fold["training"]["epochs"] == 1 and fold["training"]["train_images_per_s"] > 0
@@ -369,6 +373,7 @@ def test_crop_lesions_follow_the_boxes_each_crop_carries(annotations):
         mine = rows.iloc[start:start + len(r.boxes)]
         start += len(r.boxes)
         assert (mine["refnum"] == r.refnum).all() and r.lesion_row in mine.index  # the lesion it was cut for
+        assert (mine["crop_top"] == r.top).all() and (mine["crop_left"] == r.left).all()  # keys for pairing
         # Each row's lesion centre lies in its box in crop pixels (boxes are clipped to the crop).
         for (_, lesion), box in zip(mine.iterrows(), r.boxes):
             assert box[0] - 1 <= lesion["y"] - r.top <= box[2] + 1 and box[1] - 1 <= lesion["x"] - r.left <= box[3] + 1

@@ -248,3 +248,27 @@ def plot_lesions_found(table: Mapping[str, Mapping[str, Mapping[str, Any]]], tit
     fig.suptitle(f"{title}: which lesions are found (test folds pooled)" if title else "Which lesions are found")
     fig.tight_layout()
     return fig
+
+
+def plot_paired_lesions(table: Mapping[str, Mapping[str, Mapping[str, Any]]], names: Sequence[str]) -> Figure:
+    """Share of the same lesions two detectors find, per lesion grouping, with the sign test's p above each pair."""
+    fig = Figure(figsize=(3.6 * len(table), 4.8))
+    axes = np.atleast_1d(fig.subplots(1, len(table), sharey=True))
+    for ax, (group, cells) in zip(axes, table.items()):
+        labels = list(cells)
+        xs = np.arange(len(labels))
+        for shift, key, color, name in ((-0.2, "found_a", "C0", names[0]), (0.2, "found_b", "C1", names[1])):
+            ax.bar(xs + shift, [cells[v][key] / cells[v]["n"] for v in labels], 0.4, color=color, label=name)
+        for x, v in zip(xs, labels):
+            c = cells[v]
+            top = max(c["found_a"], c["found_b"]) / c["n"]
+            ax.text(x, top + 0.02, f"p={c['p']:.2g}\n{c['a_more']}/{c['b_more']}", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(xs, [v.replace(" (", "\n(") for v in labels], fontsize=7, rotation=45, ha="right")
+        ax.set_title(group)
+        ax.set_ylim(0, 1.15)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("share of the same lesions found at 1 FP per image")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Same test lesions, two detectors (p: exact sign test over lesions; found more often by: first/second)")
+    fig.tight_layout()
+    return fig

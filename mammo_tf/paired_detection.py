@@ -1,0 +1,127 @@
+"""Two detectors on the same test lesions: which lesions does each find, and is the difference chance?
+
+Each evaluated detector keeps, per test lesion, whether it was found at its own threshold for at
+most one false positive per image (``lesions_found.csv``, keyed by fold, film, crop position and the
+lesion's place among its film's lesions). Two runs cut the same test samples when their keys agree
+fold by fold; then every lesion is a pair of outcomes, and an exact sign test over lesions
+(McNemar's test where each lesion is one pair) says whether one run finds more than the other beyond
+chance. A lesion seen in several crops is one trial, since its crops are not independent, won by the
+run that finds it in more of them. Folds present in one run only are left out. Per lesion type,
+tissue, severity and size the same counts describe; with that many groups their p-values are not
+corrected and test nothing on their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mammo_tf import detector as D
+from mammo_tf.config import from_dict, hardware_label, provenance
+from mammo_tf.data import mias
+from mammo_tf.io import load_json, save_figure, save_json
+
+TABLE = "Detection: two detectors on the same test lesions, found at 1 false positive per image (paired)"
+ALL = "all lesions"
+
+
+def load_lesions(run_dir: Path) -> pd.DataFrame:
+    """A detector run's per-lesion outcomes (ValueError where it has none: evaluate it again)."""
+    path = Path(run_dir) / D.LESIONS_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no {D.LESIONS_FILE}; run `mammo-tf evaluate-detector` (or "
+                         "`evaluate-detector-arrays`) on it again")
+    return pd.read_csv(path)
+
+
+def pair_lesions(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """One row per test lesion of the folds both runs have: ``found_a``, ``found_b`` (ValueError if they differ)."""
+    keys = list(D.LESION_KEYS)
+    folds = sorted(set(a["fold"]) & set(b["fold"]))
+    if not folds:
+        raise ValueError("the two runs share no fold")
+    a, b = (x[x["fold"].isin(folds)] for x in (a, b))
+    for x, name in ((a, "first"), (b, "second")):
+        if x.duplicated(keys).any():
+            raise ValueError(f"the {name} run lists a lesion twice")
+    pairs = a[keys + ["found"]].merge(b[keys + ["found"]], on=keys, how="outer", suffixes=("_a", "_b"),
+                                      indicator=True)
+    odd = pairs[pairs["_merge"] != "both"]
+    if len(odd):
+        fold = int(odd["fold"].iloc[0])
+        raise ValueError(f"the runs do not cut the same test samples: {len(odd)} lesions of folds {folds} are "
+                         f"in one run only (first in fold {fold}, {odd['refnum'].iloc[0]})")
+    return pairs.drop(columns="_merge").astype({"found_a": bool, "found_b": bool})
+
+
+def sign_test(found_a: np.ndarray, found_b: np.ndarray, lesion: np.ndarray | None = None) -> dict[str, Any]:
+    """Paired counts and a two-sided exact sign test over lesions (McNemar's when each lesion is one pair).
+
+    ``lesion``: which lesion each pair is; a lesion seen in several crops is one trial, won by the run
+    that finds it in more of them, since its crops are not independent. ``p`` is 1.0 when no lesion differs.
+    """
+    from scipy.stats import binomtest
+
+    found_a, found_b = np.asarray(found_a, bool), np.asarray(found_b, bool)
+    diff = pd.Series(found_a.astype(int) - found_b.astype(int))
+    per_lesion = diff.groupby(np.asarray(lesion)).mean() if lesion is not None else diff
+    a_more, b_more = int((per_lesion > 0).sum()), int((per_lesion < 0).sum())
+    p = binomtest(a_more, a_more + b_more, 0.5).pvalue if a_more + b_more else 1.0
+    return {"n": len(found_a), "found_a": int(found_a.sum()), "found_b": int(found_b.sum()),
+            "only_a": int((found_a & ~found_b).sum()), "only_b": int((found_b & ~found_a).sum()),
+            "n_lesions": len(per_lesion), "a_more": a_more, "b_more": b_more, "p": float(p)}
+
+
+def compare(pairs: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, dict[str, dict]]:
+    """`sign_test` for all lesions and per lesion group (`detector.lesion_groups`)."""
+    located = annotations[annotations["has_location"]].assign(lesion=D.lesion_numbers(annotations))
+    lesions = pairs[["refnum", "lesion"]].merge(located, on=["refnum", "lesion"], how="left", validate="many_to_one")
+    if lesions["abnormality"].isna().any():
+        raise ValueError("the lesion keys do not match these annotations (another Info.txt?)")
+    found_a, found_b = pairs["found_a"].to_numpy(), pairs["found_b"].to_numpy()
+    lesion = (pairs["refnum"] + "/" + pairs["lesion"].astype(str)).to_numpy()  # each is tested in one fold only
+    out: dict[str, dict[str, dict]] = {ALL: {ALL: sign_test(found_a, found_b, lesion)}}
+    for group, key in D.lesion_groups(lesions).items():
+        for value, g in lesions.groupby(key, sort=True, observed=True):
+            out.setdefault(group, {})[str(value)] = sign_test(found_a[g.index], found_b[g.index], lesion[g.index])
+    return out
+
+
+def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None) -> dict:
+    """Compare two evaluated detector runs lesion by lesion; write metrics.json and a figure to ``out_dir``."""
+    from mammo_tf.plots import detection as dplots
+
+    if len(run_dirs) != 2:
+        raise ValueError(f"a paired comparison takes two detector runs, got {len(run_dirs)}")
+    dirs = [Path(d) for d in run_dirs]
+    exps = [from_dict(D.DetectorExperiment, load_json(d / "metrics.json")["experiment"]) for d in dirs]
+    if exps[0].protocol != exps[1].protocol:
+        raise ValueError(f"{dirs[0].name} is {exps[0].protocol}, {dirs[1].name} {exps[1].protocol}: "
+                         "not the same test samples")
+    pairs = pair_lesions(*(load_lesions(d) for d in dirs))
+    table = compare(pairs, mias.load_annotations(exps[0].data))
+    names = [e.name for e in exps]
+    prov = provenance(command)
+    folds = sorted(int(f) for f in set(pairs["fold"]))
+    what = ("located test lesions" if exps[0].protocol == "whole" else
+            "lesions in the test crops (one seen in several crops counts in each)")
+    note = (f"{what} of folds {', '.join(map(str, folds))} (those both runs have), each run at its own threshold "
+            "for at most 1 false positive per image; p: two-sided exact sign test over lesions (McNemar's "
+            "where each lesion is seen once; a lesion in several crops counts once, for the run that finds it "
+            "in more of them), uncorrected for the number of groups")
+    common = {"table": TABLE, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
+              "note": note}
+    cells = [c for g in table.values() for c in g.items()]
+    results = [{**common, "row": f"{name}: found", "values": {v: f"{c[key]}/{c['n']}" for v, c in cells}}
+               for name, key in zip(names, ("found_a", "found_b"))]
+    results.append({**common, "row": f"sign test p (lesions found more often by {names[0]} / by {names[1]})",
+                    "values": {v: f"{c['p']:.3g} ({c['a_more']} / {c['b_more']})" for v, c in cells}})
+    metrics = {"runs": [str(d) for d in dirs], "names": names, "protocol": exps[0].protocol, "folds": folds,
+               "table": table, "results": results, "provenance": prov}
+    out = Path(out_dir)
+    save_figure(dplots.plot_paired_lesions(table, names), out / "paired_lesions.png")
+    save_json(out / "metrics.json", metrics)
+    return metrics
