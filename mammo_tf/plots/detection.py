@@ -225,13 +225,29 @@ def plot_default_boxes(image: np.ndarray, anchor_cfg: Any, gt_boxes: np.ndarray 
     return fig
 
 
-def plot_lesions_found(table: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "") -> Figure:
-    """Share of lesions found at 1 FP per image, model against random boxes, one panel per lesion grouping."""
-    fig = Figure(figsize=(4.2 * len(table), 4.6))
+def _lesion_group_panels(table: Mapping[str, Mapping[str, Mapping[str, Any]]], draw: Any, ylabel: str,
+                         title: str, width: float, top: float) -> Figure:
+    """One panel per lesion grouping, its values along x; ``draw(ax, cells, labels, xs)`` puts the bars in."""
+    fig = Figure(figsize=(width * len(table), 4.7))
     axes = np.atleast_1d(fig.subplots(1, len(table), sharey=True))
     for ax, (group, cells) in zip(axes, table.items()):
-        names = list(cells)
-        xs = np.arange(len(names))
+        labels = list(cells)
+        xs = np.arange(len(labels))
+        draw(ax, cells, labels, xs)
+        ax.set_xticks(xs, [v.replace(" (", "\n(") for v in labels], fontsize=7, rotation=45, ha="right")
+        ax.set_title(group)
+        ax.set_ylim(0, top)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lesions_found(table: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "") -> Figure:
+    """Share of lesions found at 1 FP per image, model against random boxes, one panel per lesion grouping."""
+    def draw(ax: Any, cells: Mapping[str, Mapping[str, Any]], names: list[str], xs: np.ndarray) -> None:
         sens = np.array([cells[n]["sensitivity"] for n in names])
         low, high = (np.array([cells[n]["ci"][i] for n in names]) for i in (0, 1))
         ax.bar(xs - 0.2, sens, 0.4, color="C0", label="SSD (Wilson 95 % CI)",
@@ -239,36 +255,23 @@ def plot_lesions_found(table: Mapping[str, Mapping[str, Mapping[str, Any]]], tit
         ax.bar(xs + 0.2, [cells[n]["sensitivity_random"] for n in names], 0.4, color="0.7", label="random boxes")
         for x, n, top in zip(xs, names, high):
             ax.text(x - 0.2, top + 0.02, f"{cells[n]['found']}/{cells[n]['n']}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(xs, [n.replace(" (", "\n(") for n in names], fontsize=7, rotation=45, ha="right")
-        ax.set_title(group)
-        ax.set_ylim(0, 1)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("lesions found at 1 false positive per image")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{title}: which lesions are found (test folds pooled)" if title else "Which lesions are found")
-    fig.tight_layout()
-    return fig
+
+    return _lesion_group_panels(
+        table, draw, "lesions found at 1 false positive per image",
+        f"{title}: which lesions are found (test folds pooled)" if title else "Which lesions are found", 4.2, 1.0)
 
 
 def plot_paired_lesions(table: Mapping[str, Mapping[str, Mapping[str, Any]]], names: Sequence[str]) -> Figure:
     """Share of the same lesions two detectors find, per lesion grouping, with the sign test's p above each pair."""
-    fig = Figure(figsize=(3.6 * len(table), 4.8))
-    axes = np.atleast_1d(fig.subplots(1, len(table), sharey=True))
-    for ax, (group, cells) in zip(axes, table.items()):
-        labels = list(cells)
-        xs = np.arange(len(labels))
+    def draw(ax: Any, cells: Mapping[str, Mapping[str, Any]], labels: list[str], xs: np.ndarray) -> None:
         for shift, key, color, name in ((-0.2, "found_a", "C0", names[0]), (0.2, "found_b", "C1", names[1])):
             ax.bar(xs + shift, [cells[v][key] / cells[v]["n"] for v in labels], 0.4, color=color, label=name)
         for x, v in zip(xs, labels):
             c = cells[v]
             top = max(c["found_a"], c["found_b"]) / c["n"]
             ax.text(x, top + 0.02, f"p={c['p']:.2g}\n{c['a_more']}/{c['b_more']}", ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(xs, [v.replace(" (", "\n(") for v in labels], fontsize=7, rotation=45, ha="right")
-        ax.set_title(group)
-        ax.set_ylim(0, 1.15)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("share of the same lesions found at 1 FP per image")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Same test lesions, two detectors (p: exact sign test over lesions; found more often by: first/second)")
-    fig.tight_layout()
-    return fig
+
+    return _lesion_group_panels(
+        table, draw, "share of the same lesions found at 1 FP per image",
+        "Same test lesions, two detectors (p: exact sign test over lesions; found more often by: first/second)",
+        3.6, 1.15)
