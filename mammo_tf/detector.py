@@ -966,7 +966,7 @@ LESION_KEYS = ("fold", "refnum", "crop_top", "crop_left", "lesion")
 
 
 def _test_lesions(exp: DetectorExperiment, records: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataFrame:
-    """The annotation row of every ground-truth box `_ground_truth` gives for these records, in its order."""
+    """The annotation row of every ground-truth box `_ground_truth` gives for these records, in its order, with its sample's crop position."""
     located = annotations[annotations["has_location"]]
     parts = []
     for r in records.itertuples():
