@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "a recipe per fold chosen on validation patients among trained runs, scored on test patients",
                      "run directories on the same patient folds (their order breaks ties)")
     add_runs_command(sub, "compare-detectors", paired_detection.evaluate,
-                     "two evaluated detectors on the same test lesions: lesions found by each, exact McNemar",
+                     "two evaluated detectors on the same test lesions: lesions found by each, exact sign test",
                      "two detector run directories on the same test samples")
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
