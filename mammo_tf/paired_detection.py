@@ -82,7 +82,8 @@ def compare(pairs: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, dict[st
     if lesions["abnormality"].isna().any():
         raise ValueError("the lesion keys do not match these annotations (another Info.txt?)")
     found_a, found_b = pairs["found_a"].to_numpy(), pairs["found_b"].to_numpy()
-    lesion = (pairs["refnum"] + "/" + pairs["lesion"].astype(str)).to_numpy()  # each is tested in one fold only
+    # One trial per lesion, across folds too (a leaky split can put crops of one lesion in several).
+    lesion = (pairs["refnum"] + "/" + pairs["lesion"].astype(str)).to_numpy()
     out: dict[str, dict[str, dict]] = {ALL: {ALL: sign_test(found_a, found_b, lesion)}}
     for group, key in D.lesion_groups(lesions).items():
         for value, g in lesions.groupby(key, sort=True, observed=True):
