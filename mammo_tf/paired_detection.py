@@ -6,9 +6,13 @@ lesion's place among its film's lesions). Two runs cut the same test samples whe
 fold by fold; then every lesion is a pair of outcomes, and an exact sign test over lesions
 (McNemar's test where each lesion is one pair) says whether one run finds more than the other beyond
 chance. A lesion seen in several crops is one trial, since its crops are not independent, won by the
-run that finds it in more of them. Folds present in one run only are left out. Per lesion type,
-tissue, severity and size the same counts describe; with that many groups their p-values are not
-corrected and test nothing on their own.
+run that finds it in more of them. Folds present in one run only are left out.
+
+Two further readings guard the lesion-level p. Lesions of one patient (several in one film, or one
+in each breast) are not independent either, so the same sign test is also run over patients, each
+won by the run that wins more of the patient's lesions. And the per-group p-values (lesion type,
+tissue, severity, size: 14 groups or so) come with Benjamini-Hochberg q-values over those groups
+(``scipy.stats.false_discovery_control``): a group's p alone tests nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import false_discovery_control
 
 from mammo_tf import detector as D
 from mammo_tf.config import from_dict, hardware_label, provenance
@@ -57,22 +62,40 @@ def pair_lesions(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     return pairs.drop(columns="_merge").astype({"found_a": bool, "found_b": bool})
 
 
-def sign_test(found_a: np.ndarray, found_b: np.ndarray, lesion: np.ndarray | None = None) -> dict[str, Any]:
+def sign_test(found_a: np.ndarray, found_b: np.ndarray, lesion: np.ndarray | None = None,
+              patient: np.ndarray | None = None) -> dict[str, Any]:
     """Paired counts and a two-sided exact sign test over lesions (McNemar's when each lesion is one pair).
 
     ``lesion``: which lesion each pair is; a lesion seen in several crops is one trial, won by the run
-    that finds it in more of them, since its crops are not independent. ``p`` is 1.0 when no lesion differs.
+    that finds it in more of them, since its crops are not independent. ``patient``: which patient each
+    pair belongs to; adds the same test over patients (``p_patients``), each won by the run that wins
+    more of its lesions. A p is 1.0 when nothing differs.
     """
-    from scipy.stats import binomtest
-
     found_a, found_b = np.asarray(found_a, bool), np.asarray(found_b, bool)
     diff = pd.Series(found_a.astype(int) - found_b.astype(int))
-    per_lesion = diff.groupby(np.asarray(lesion)).mean() if lesion is not None else diff
-    a_more, b_more = int((per_lesion > 0).sum()), int((per_lesion < 0).sum())
+    lesion = np.asarray(lesion) if lesion is not None else np.arange(len(diff))
+    per_lesion = np.sign(diff.groupby(lesion).mean())
+    a_more, b_more, p = _signs(per_lesion)
+    out = {"n": len(found_a), "found_a": int(found_a.sum()), "found_b": int(found_b.sum()),
+           "only_a": int((found_a & ~found_b).sum()), "only_b": int((found_b & ~found_a).sum()),
+           "n_lesions": len(per_lesion), "a_more": a_more, "b_more": b_more, "p": p}
+    if patient is not None:
+        of_lesion = pd.Series(np.asarray(patient)).groupby(lesion).first()
+        if (pd.Series(np.asarray(patient)).groupby(lesion).nunique() > 1).any():
+            raise ValueError("a lesion is listed under two patients")
+        per_patient = per_lesion.groupby(of_lesion.loc[per_lesion.index].to_numpy()).sum()
+        a_pat, b_pat, p_pat = _signs(per_patient)
+        out.update(n_patients=len(per_patient), a_more_patients=a_pat, b_more_patients=b_pat, p_patients=p_pat)
+    return out
+
+
+def _signs(scores: pd.Series) -> tuple[int, int, float]:
+    """Units won by each side and the two-sided exact binomial p over the units that differ."""
+    from scipy.stats import binomtest
+
+    a_more, b_more = int((scores > 0).sum()), int((scores < 0).sum())
     p = binomtest(a_more, a_more + b_more, 0.5).pvalue if a_more + b_more else 1.0
-    return {"n": len(found_a), "found_a": int(found_a.sum()), "found_b": int(found_b.sum()),
-            "only_a": int((found_a & ~found_b).sum()), "only_b": int((found_b & ~found_a).sum()),
-            "n_lesions": len(per_lesion), "a_more": a_more, "b_more": b_more, "p": float(p)}
+    return a_more, b_more, float(p)
 
 
 def compare(pairs: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, dict[str, dict]]:
@@ -84,10 +107,15 @@ def compare(pairs: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, dict[st
     found_a, found_b = pairs["found_a"].to_numpy(), pairs["found_b"].to_numpy()
     # One trial per lesion, across folds too (a leaky split can put crops of one lesion in several).
     lesion = (pairs["refnum"] + "/" + pairs["lesion"].astype(str)).to_numpy()
-    out: dict[str, dict[str, dict]] = {ALL: {ALL: sign_test(found_a, found_b, lesion)}}
+    patient = lesions["patient_id"].to_numpy()
+    out: dict[str, dict[str, dict]] = {ALL: {ALL: sign_test(found_a, found_b, lesion, patient)}}
     for group, key in D.lesion_groups(lesions).items():
         for value, g in lesions.groupby(key, sort=True, observed=True):
-            out.setdefault(group, {})[str(value)] = sign_test(found_a[g.index], found_b[g.index], lesion[g.index])
+            idx = g.index.to_numpy()
+            out.setdefault(group, {})[str(value)] = sign_test(found_a[idx], found_b[idx], lesion[idx], patient[idx])
+    subgroups = [c for group, cells in out.items() if group != ALL for c in cells.values()]
+    for cell, q in zip(subgroups, false_discovery_control([c["p"] for c in subgroups], method="bh")):
+        cell["q"] = float(q)
     return out
 
 
@@ -112,7 +140,8 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
     note = (f"{what} of folds {', '.join(map(str, folds))} (those both runs have), each run at its own threshold "
             "for at most 1 false positive per image; p: two-sided exact sign test over lesions (McNemar's "
             "where each lesion is seen once; a lesion in several crops counts once, for the run that finds it "
-            "in more of them), uncorrected for the number of groups")
+            "in more of them); q: Benjamini-Hochberg over the lesion groups (all lesions excepted); patients: "
+            "the same test with each patient one trial, won by the run that wins more of its lesions")
     common = {"table": TABLE, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
               "note": note}
     cells = [c for g in table.values() for c in g.items()]
@@ -120,6 +149,12 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                for name, key in zip(names, ("found_a", "found_b"))]
     results.append({**common, "row": f"sign test p (lesions found more often by {names[0]} / by {names[1]})",
                     "values": {v: f"{c['p']:.3g} ({c['a_more']} / {c['b_more']})" for v, c in cells}})
+    results.append({**common, "row": f"sign test q over the lesion groups (Benjamini-Hochberg; {names[0]} / {names[1]})",
+                    "values": {v: f"{c['q']:.3g}" for v, c in cells if "q" in c}})
+    results.append({**common, "row": f"sign test over patients p (patients whose lesions {names[0]} / {names[1]} "
+                                     "finds more often)",
+                    "values": {v: f"{c['p_patients']:.3g} ({c['a_more_patients']} / {c['b_more_patients']})"
+                               for v, c in cells}})
     metrics = {"runs": [str(d) for d in dirs], "names": names, "protocol": exps[0].protocol, "folds": folds,
                "table": table, "results": results, "provenance": prov}
     out = Path(out_dir)

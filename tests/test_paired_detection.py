@@ -30,6 +30,24 @@ def test_sign_test_is_mcnemar_for_single_pairs_and_counts_a_lesion_once_over_its
     assert (tie["a_more"], tie["b_more"], tie["p"]) == (0, 0, 1.0)   # one crop each: the lesion is a tie
 
 
+
+def test_sign_test_over_patients_counts_each_patient_once():
+    # Five lesions of three patients: P1's two lesions both go to the first run, P2's split one each
+    # way (a tie), P3's one lesion to the second run. Lesions: 3 vs 2; patients: 1 vs 1.
+    a = np.array([1, 1, 1, 0, 0], bool)
+    b = np.array([0, 0, 0, 1, 1], bool)
+    lesion = np.array(["L1", "L2", "L3", "L4", "L5"])
+    patient = np.array([1, 1, 2, 2, 3])
+    r = PD.sign_test(a, b, lesion, patient)
+    assert (r["a_more"], r["b_more"], r["p"]) == (3, 2, 1.0)
+    assert (r["n_patients"], r["a_more_patients"], r["b_more_patients"]) == (3, 1, 1)
+    assert r["p_patients"] == 1.0
+    # Nine lesions in one patient, all to the first run: p 2/2^9 over lesions, but a single trial over patients.
+    one = PD.sign_test(np.ones(9, bool), np.zeros(9, bool), np.arange(9), np.zeros(9, int))
+    assert one["p"] == pytest.approx(2 / 2**9) and (one["a_more_patients"], one["p_patients"]) == (1, 1.0)
+    with pytest.raises(ValueError, match="two patients"):
+        PD.sign_test(a[:2], b[:2], np.array(["L1", "L1"]), np.array([1, 2]))
+
 def _lesions(annotations: pd.DataFrame, folds: dict[int, list[str]], found: dict[str, bool] | None = None):
     """A `lesions_found.csv` frame: every located lesion of these films, in these folds (whole films)."""
     located = annotations[annotations["has_location"]]
@@ -75,6 +93,18 @@ def test_evaluate_tables_both_runs_per_group_with_the_paired_test(tmp_path, anno
     assert sum(c["n"] for c in m["table"]["severity"].values()) == len(a)   # every lesion in one group
     assert m["folds"] == [0, 1] and [r["row"] for r in m["results"]][:2] == ["first: found", "second: found"]
     assert m["results"][2]["values"][PD.ALL].endswith(f"({every['a_more']} / 0)")
+    # Benjamini-Hochberg over the group cells, by hand: q_(i) = min over j >= i of p_(j) m / j.
+    cells = [c for g, v in m["table"].items() if g != PD.ALL for c in v.values()]
+    ps = np.array([c["p"] for c in cells])
+    order = np.argsort(ps)
+    ranked = ps[order] * len(ps) / np.arange(1, len(ps) + 1)
+    expected = np.empty_like(ps)
+    expected[order] = np.minimum(1, np.minimum.accumulate(ranked[::-1])[::-1])
+    assert [c["q"] for c in cells] == pytest.approx(expected.tolist())
+    assert "q" not in every and m["results"][3]["values"].keys() == {v for g, c in m["table"].items() if g != PD.ALL for v in c}
+    # Patients: these four films of fold 0 and four of fold 1 are eight patients; mdb001's is found by both.
+    assert every["n_patients"] == len({(int(r[3:]) + 1) // 2 for r in a["refnum"]})
+    assert m["results"][4]["values"][PD.ALL] == f"{every['p_patients']:.3g} ({every['a_more_patients']} / 0)"
     assert (tmp_path / "pair" / "paired_lesions.png").stat().st_size > 0
     with pytest.raises(ValueError, match="not the same test samples"):
         PD.evaluate([first, _run(tmp_path, "crops", "crops", b)], tmp_path / "x")

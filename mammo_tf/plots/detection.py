@@ -269,9 +269,12 @@ def plot_paired_lesions(table: Mapping[str, Mapping[str, Mapping[str, Any]]], na
         for x, v in zip(xs, labels):
             c = cells[v]
             top = max(c["found_a"], c["found_b"]) / c["n"]
-            ax.text(x, top + 0.02, f"p={c['p']:.2g}\n{c['a_more']}/{c['b_more']}", ha="center", va="bottom", fontsize=6)
+            q = f" q={c['q']:.2g}" if "q" in c else ""
+            ax.text(x, top + 0.02, f"p={c['p']:.2g}{q}\n{c['a_more']}/{c['b_more']}", ha="center", va="bottom",
+                    fontsize=6)
 
     return _lesion_group_panels(
         table, draw, "share of the same lesions found at 1 FP per image",
-        "Same test lesions, two detectors (p: exact sign test over lesions; found more often by: first/second)",
+        "Same test lesions, two detectors (p: exact sign test over lesions, q: Benjamini-Hochberg over the groups; "
+        "found more often by: first/second)",
         3.6, 1.15)
