@@ -81,7 +81,11 @@ class DetectorExperiment:
     :func:`mammo_tf.boxes.decode_detections`. ``naive_split``: the leakage audit (LEAKY).
     ``select_on``: what the best checkpoint and early stopping watch (early stopping keeps the best
     epoch), ``"val_loss"`` or ``"val_mAP"`` (the validation patients' mAP, computed after every
-    epoch as the test's is; needs early stopping, which does the selecting).
+    epoch as the test's is; needs early stopping, which does the selecting, or ``snapshot_every``).
+    ``snapshot_every``: with ``select_on: val_mAP`` and no early stopping, the validation mAP is
+    measured every this many epochs (and at the last) and the best of those epochs is kept; the
+    array path (:mod:`mammo_tf.detector_arrays`) keeps every such epoch's outputs instead, so that
+    a run trained elsewhere is selected where it is scored.
     """
 
     name: str = "detector"
@@ -112,6 +116,7 @@ class DetectorExperiment:
     naive_split: bool = False
     backbone_from: str | None = None      # cnn backbone: a classifier experiment folder; fold k starts from its fold k
     select_on: str = "val_loss"           # val_loss | val_mAP
+    snapshot_every: int = 0               # val_mAP without early stopping: measure every n epochs, keep the best
     n_examples: int = 6
     seed: int = 0
     data: str | None = None
@@ -147,8 +152,14 @@ class DetectorExperiment:
             raise ConfigError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if self.select_on == "val_mAP" and self.val_fraction == 0:
             raise ConfigError("select_on: val_mAP needs validation patients (val_fraction > 0)")
-        if self.select_on == "val_mAP" and not self.train_config().early_stopping:
-            raise ConfigError("select_on: val_mAP selects through early stopping: set train.early_stopping: true")
+        if self.snapshot_every < 0 or (self.snapshot_every and self.select_on != "val_mAP"):
+            raise ConfigError(f"snapshot_every ({self.snapshot_every}) must be >= 0, and is read with select_on: "
+                              "val_mAP only")
+        if self.snapshot_every and self.train_config().early_stopping:
+            raise ConfigError("snapshot_every selects among epochs itself: set train.early_stopping: false")
+        if self.select_on == "val_mAP" and not (self.train_config().early_stopping or self.snapshot_every):
+            raise ConfigError("select_on: val_mAP selects through early stopping or snapshots: set "
+                              "train.early_stopping: true or snapshot_every: n")
         if "image_size" in self.ssd and int(self.ssd["image_size"]) != int(self.image_size):
             raise ConfigError(f"ssd.image_size ({self.ssd['image_size']}) differs from image_size ({self.image_size})")
         self.ssd_config()  # validate the nested configs now, not after the data is loaded
@@ -500,6 +511,8 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
         t0 = time.perf_counter()
         trainer, history = training.fit(lambda: trainer_cls(build_ssd(ssd_cfg)[0], loss), lambda: {}, train_ds, val_ds,
                                         tcfg, fold_dir, verbose=verbose, **select)
+        if exp.snapshot_every:  # no early stopping restored the best epoch: its checkpoint does
+            trainer.load_weights(fold_dir / "checkpoints" / "best.weights.h5")
         seconds = time.perf_counter() - t0
         save_detector(trainer.ssd, exp, anchors, fold_dir, fold=fold.index, precision=precision,
                       train_refnums=sorted(set(fold.train["refnum"])), leaky=fold.leaky)
@@ -513,8 +526,14 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
             "train_images_per_s": len(fold.train) * epochs / seconds, "precision": precision}
 
 
+def is_snapshot_epoch(exp: DetectorExperiment, epoch: int) -> bool:
+    """Whether 1-based ``epoch`` is one at which the validation mAP is measured (every epoch without snapshots)."""
+    every = exp.snapshot_every or 1
+    return epoch % every == 0 or epoch == exp.train_config().epochs
+
+
 def _validation_map_callback(exp: DetectorExperiment, samples: Samples, records: pd.DataFrame, anchors: Any) -> Any:
-    """A Keras callback that logs ``val_mAP``, the mAP of the validation records, after every epoch."""
+    """A Keras callback that logs ``val_mAP``, the validation records' mAP, every ``exp.snapshot_every`` epochs (NaN between)."""
     import keras
 
     gts = _ground_truth(exp, records, samples.annotations)
@@ -525,6 +544,10 @@ def _validation_map_callback(exp: DetectorExperiment, samples: Samples, records:
 
     class ValidationMAP(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if not is_snapshot_epoch(exp, epoch + 1):
+                if logs is not None:  # NaN is never "best", and keeps the column in the CSV log
+                    logs["val_mAP"] = float("nan")
+                return
             images = image_dataset(records, samples.films, exp.train_config().batch_size, channels)
             dets = _to_eval_pixels(exp, samples, records, predict_batches(self.model.ssd, images, anchors, exp))
             if logs is not None:
@@ -936,7 +959,10 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     if cfg.fc6_input_norm:
         init += ", pool5 L2-normalised"
     crops = f", {exp.crops_per_lesion} crops per lesion" if exp.protocol == "crops" and exp.crops_per_lesion > 1 else ""
-    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule_label(exp.train_config(), exp.select_on.replace('_', ' '))}, {_augmentation_label(exp)}{crops})"
+    tcfg = exp.train_config()
+    schedule = (f"{tcfg.epochs} epochs, the best val mAP of every {exp.snapshot_every} kept" if exp.snapshot_every
+                else schedule_label(tcfg, exp.select_on.replace('_', ' ')))
+    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule}, {_augmentation_label(exp)}{crops})"
             + (" [LEAKY split]" if exp.naive_split else ""))
     return [
         {**common, "row": name, "values": _row_values(summary),

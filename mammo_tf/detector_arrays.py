@@ -12,11 +12,14 @@ The lent GPU machines have JAX and PyTorch but no TensorFlow, and our input pipe
    same trainer, loss and callbacks as :func:`mammo_tf.detector.train_fold`; augmentation draws
    one of the allowed transforms per image and epoch, as ``flips_rot90`` / ``left_right`` do.
    It keeps every image's raw outputs at the highest-scoring default boxes and, if asked, a
-   fold's weights in float16 parts small enough to come back from the GPU machine.
+   fold's weights in float16 parts small enough to come back from the GPU machine. With
+   ``snapshot_every`` (``select_on: val_mAP``) it also keeps the validation, test and training
+   outputs of every such epoch, one file per fold, since the mAP needs the NMS of TensorFlow.
 3. :func:`evaluate` (TensorFlow, CPU): decodes those outputs with
    :func:`mammo_tf.detector.decode_batch` (the same NMS) and scores them with
    :func:`mammo_tf.detector.evaluate_experiment`, beside the same references; weight parts that
-   came back become a detector folder again.
+   came back become a detector folder again. Snapshots are scored on the validation patients
+   first, and each fold is reported at its epoch of highest validation mAP.
 
 The arrays are derivatives of the MIAS images: they live in the data cache or a git-ignored
 folder, never in the repository.
@@ -38,7 +41,8 @@ import pandas as pd
 
 from mammo_tf import augment as A
 from mammo_tf import patches as P
-from mammo_tf.io import atomic_path, load_json
+from mammo_tf.data import mias
+from mammo_tf.io import atomic_path, load_json, save_figure
 
 # The 8 symmetries of the square: k counter-clockwise quarter turns, then a left-right mirror.
 DIHEDRAL = tuple(A.Transform(k=k, hflip=h) for h in (False, True) for k in range(4))
@@ -49,6 +53,7 @@ ALLOWED = {"flips_rot90": tuple(range(8)), "left_right": (0, 4), "none": (0,)}
 # rest are dropped as background (their scores are far below any reported detection's).
 TOP_TEST = 1000
 TOP_TRAIN = 300
+TOP_SNAPSHOT = 200  # per image and kept epoch: a fold's snapshots stay a few MB
 WEIGHT_CHUNK_BYTES = 15 * 2**20  # under the 16 MiB a lent GPU machine returns per file
 
 
@@ -266,10 +271,16 @@ def train(arrays_path: str | Path, out_path: str | Path, vgg16_weights: str | Pa
         val_ds = batches(arrays, val_rows, tcfg.batch_size, channels) if len(val_rows) else None
         loss = MultiBoxLoss(neg_pos_ratio=exp.neg_pos_ratio, min_negatives=exp.min_negatives)
         trainer_cls = D._trainer_class()
+        snapshots: dict[str, dict[str, np.ndarray]] = {}
+        watch = []
+        if exp.snapshot_every:
+            splits = {"val": val_rows, "test": test_rows, "train": train_rows}
+            watch = [_snapshot_callback(exp, {s: batches(arrays, r, tcfg.batch_size, channels) for s, r in splits.items()},
+                                        snapshots)]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
             trainer, history = training.fit(lambda: trainer_cls(build_ssd(ssd_cfg)[0], loss), lambda: {},
-                                            train_ds, val_ds, tcfg, work, verbose=verbose)
+                                            train_ds, val_ds, tcfg, work, verbose=verbose, metrics=watch)
         seconds = time.perf_counter() - t0
         epochs = len(history) if len(history) else tcfg.epochs
         saved[f"fold{k}_test"] = _predict(trainer.ssd, batches(arrays, test_rows, tcfg.batch_size, channels), TOP_TEST)
@@ -277,15 +288,52 @@ def train(arrays_path: str | Path, out_path: str | Path, vgg16_weights: str | Pa
         buf = _io.StringIO()
         history.to_csv(buf, index=False)
         out["folds"][str(k)] = {"log": buf.getvalue(), "refnums": {"test": refnums[test_rows].tolist(),
-                                                                   "train": refnums[train_rows].tolist()}, "training": {
+                                                                   "train": refnums[train_rows].tolist(),
+                                                                   "val": refnums[val_rows].tolist()}, "training": {
             "seconds": seconds, "epochs": epochs, "n_train": len(train_rows), "n_val": len(val_rows),
             "train_images_per_s": len(train_rows) * epochs / seconds, "precision": precision}}
         out["wall_time_s"] = time.perf_counter() - t_start
         if k in keep_weights:
             save_weight_parts(trainer.ssd, weight_parts_stem(out_path, k), chunk_bytes=chunk_bytes)
+        if snapshots:  # before the results, which say the fold is done
+            _write_results(snapshots_path(out_path, k), {"fold": k, "top": TOP_SNAPSHOT}, snapshots)
         _write_results(out_path, out, saved)
         print(f"fold {k}: {epochs} epochs in {seconds:.0f} s", flush=True)
         keras.backend.clear_session()
+    return out
+
+
+def _snapshot_callback(exp: Any, batches: dict[str, Any], store: dict[str, dict[str, np.ndarray]]) -> Any:
+    """A Keras callback keeping each split's top raw outputs, as ``store["e<epoch>_<split>"]``, at the snapshot epochs."""
+    import keras
+
+    from mammo_tf.detector import is_snapshot_epoch
+
+    class Snapshots(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if is_snapshot_epoch(exp, epoch + 1):
+                for split, b in batches.items():
+                    store[f"e{epoch + 1:03d}_{split}"] = _predict(self.model.ssd, b, TOP_SNAPSHOT)
+
+    return Snapshots()
+
+
+def snapshots_path(results_path: str | Path, fold: int) -> Path:
+    """Where fold ``fold``'s snapshots of a :func:`train` output go: ``<results>_fold<k>_snapshots.npz``."""
+    path = Path(results_path)
+    return path.with_name(f"{path.name.removesuffix('.npz')}_fold{fold}_snapshots.npz")
+
+
+def load_snapshots(results_paths: Sequence[str | Path], fold: int) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+    """``{epoch: {"val"|"test"|"train": top outputs}}`` of fold ``fold`` (ValueError when no file is found)."""
+    found = [snapshots_path(p, fold) for p in results_paths if snapshots_path(p, fold).is_file()]
+    if not found:
+        raise ValueError(f"fold {fold}: no {snapshots_path(results_paths[0], fold).name} beside the results "
+                         "(select_on: val_mAP with snapshot_every needs the snapshots train-detector-arrays writes)")
+    out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+    for part, outputs in load_results(found[0])[1].items():
+        epoch, split = part.split("_")
+        out.setdefault(int(epoch[1:]), {})[split] = outputs
     return out
 
 
@@ -404,33 +452,76 @@ def merge_results(paths: Sequence[str | Path]) -> tuple[dict, dict[str, dict[str
     return info, saved
 
 
-def load_detections(results_paths: Sequence[str | Path]) -> tuple[dict, Any, Callable[[Any], dict]]:
+def _decoder(info: dict, exp: Any) -> Callable[[dict[str, np.ndarray]], list[dict]]:
+    """Top raw outputs -> per-image detections, by :func:`mammo_tf.detector.decode_batch` (the same NMS)."""
+    from mammo_tf import detector as D
+    from mammo_tf.anchors import AnchorConfig, default_boxes
+
+    anchor_cfg = AnchorConfig.from_dict(info["anchors"])
+    anchors = default_boxes(anchor_cfg)
+    return lambda top: D.decode_batch(dense_outputs(top, anchor_cfg.num_anchors), anchors, exp)
+
+
+def _check_records(info: dict, fold: Any, split: str, records: pd.DataFrame) -> None:
+    if list(records["refnum"]) != info["folds"][str(fold.index)]["refnums"].get(split):
+        raise ValueError(f"fold {fold.index}'s {split} records differ from this checkout's folds "
+                         "(exported from other data or code)")
+
+
+def load_detections(results_paths: Sequence[str | Path],
+                    epochs: dict[int, int] | None = None) -> tuple[dict, Any, Callable[[Any], dict]]:
     """(merged info, experiment, ``fold -> {"test", "train": detections}``) of :func:`train` outputs.
 
     Detections are decoded by :func:`mammo_tf.detector.decode_batch` (normalised boxes, in the
     fold's record order); a fold whose records differ from this checkout's folds is refused.
+    ``epochs``: per fold, the snapshot epoch to decode instead of the last epoch's outputs.
     """
     from mammo_tf import detector as D
-    from mammo_tf.anchors import AnchorConfig, default_boxes
 
     info, saved = merge_results(list(results_paths))
     exp = D.from_dict(D.DetectorExperiment, info["experiment"])
-    anchor_cfg = AnchorConfig.from_dict(info["anchors"])
-    anchors = default_boxes(anchor_cfg)
+    decode = _decoder(info, exp)
 
     def detections(fold: Any) -> dict[str, list[dict]]:
         if str(fold.index) not in info["folds"]:
             raise ValueError(f"fold {fold.index} was not trained in {[str(p) for p in results_paths]}")
+        chosen = (epochs or {}).get(fold.index)
+        snaps = load_snapshots(results_paths, fold.index)[chosen] if chosen else None
         found = {}
         for split, records in (("test", fold.test), ("train", fold.train)):
-            if list(records["refnum"]) != info["folds"][str(fold.index)]["refnums"][split]:
-                raise ValueError(f"fold {fold.index}'s {split} records differ from this checkout's folds "
-                                 "(exported from other data or code)")
-            dense = dense_outputs(saved[f"fold{fold.index}_{split}"], anchor_cfg.num_anchors)
-            found[split] = D.decode_batch(dense, anchors, exp)
+            _check_records(info, fold, split, records)
+            found[split] = decode(snaps[split] if snaps else saved[f"fold{fold.index}_{split}"])
         return found
 
     return info, exp, detections
+
+
+def select_snapshots(results_paths: Sequence[str | Path], info: dict, exp: Any, samples: Any) -> dict[int, dict]:
+    """Per trained fold: the snapshot epoch of highest validation mAP (the earliest of equals), and every snapshot's
+    validation and test mAP (the test's only to show how far the choice tracks it)."""
+    from mammo_tf import detector as D
+
+    decode = _decoder(info, exp)
+    out: dict[int, dict] = {}
+    for fold in D.make_folds(exp, samples):
+        if str(fold.index) not in info["folds"]:
+            continue
+        _check_records(info, fold, "val", fold.val)
+        gts = {split: D._ground_truth(exp, records, samples.annotations)
+               for split, records in (("val", fold.val), ("test", fold.test))}
+        if not any(len(g["boxes"]) for g in gts["val"]):
+            raise ValueError(f"fold {fold.index}: the validation patients have no lesion, so val_mAP is undefined")
+        rows = []
+        for epoch, snap in sorted(load_snapshots(results_paths, fold.index).items()):
+            row = {"epoch": epoch}
+            for split, records in (("val", fold.val), ("test", fold.test)):
+                dets = D._to_eval_pixels(exp, samples, records, decode(snap[split]))
+                row[f"{split}_mAP"] = D.detection_metrics(gts[split], dets, exp.iou_threshold,
+                                                          exp.nms_iou_threshold)[0]["map"]
+            rows.append(row)
+        best = max(rows, key=lambda r: (r["val_mAP"], -r["epoch"]))
+        out[fold.index] = {"epoch": best["epoch"], "top": TOP_SNAPSHOT, "snapshots": rows}
+    return out
 
 
 def restore_fold_model(results_paths: Sequence[str | Path], fold: int, exp: Any, info: dict,
@@ -462,15 +553,26 @@ def evaluate(results_paths: Sequence[str | Path], out_dir: str | Path, command: 
         raise ValueError(f"folds {done} trained; evaluation needs the first folds, in order")
     # Folds cut short by the training's deadline are not reported.
     exp = dataclasses.replace(exp, max_folds=min(len(done), exp.folds))
+    annotations = mias.load_annotations(exp.data)
+    samples = D.make_samples(exp, annotations)
+    selection = select_snapshots(results_paths, info, exp, samples) if exp.snapshot_every else {}
+    if selection:
+        _, _, detections = load_detections(results_paths, {k: s["epoch"] for k, s in selection.items()})
     out = Path(out_dir)
     training_info = {}
     for k in done:
         fold_dir = out / "folds" / f"fold{k}"
         fold_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(fold_dir / "training_log.csv", info["folds"][str(k)]["log"])
-        training_info[k] = info["folds"][str(k)]["training"]
+        training_info[k] = info["folds"][str(k)]["training"] | ({"selection": selection[k]} if k in selection else {})
         save_json(fold_dir / "training.json", training_info[k])
-        restore_fold_model(results_paths, k, exp, info, fold_dir)
+        # Weights that came back are the last epoch's: not the model a selection reports.
+        if not selection:
+            restore_fold_model(results_paths, k, exp, info, fold_dir)
+    if selection:
+        from mammo_tf.plots import detection as dplots
+
+        save_figure(dplots.plot_snapshot_selection(selection), out / "snapshot_selection.png")
     if (out / "folds" / "fold0" / D.MODEL_FILE).is_file():  # the deployable model, as train_experiment's
         for name in (D.MODEL_FILE, D.CONFIG_FILE):
             with atomic_path(out / name) as tmp:
@@ -479,5 +581,5 @@ def evaluate(results_paths: Sequence[str | Path], out_dir: str | Path, command: 
     trained_by = {**first, "command": "; ".join(r["command"] for r in info["runs"]),
                   "wall_time_s": round(info["wall_time_s"], 1), "init_weights": info["init_weights"],
                   "precision": info["precision"]}
-    return D.evaluate_experiment(exp, out, command or trained_by["command"], training_info=training_info,
-                                 detections=detections, trained_by=trained_by)
+    return D.evaluate_experiment(exp, out, command or trained_by["command"], samples=samples, annotations=annotations,
+                                 training_info=training_info, detections=detections, trained_by=trained_by)

@@ -346,6 +346,23 @@ def test_select_on_validation_map_logs_it_and_names_it(tmp_path, annotations):
         D.train_experiment(lesionless, tmp_path / "lesionless", annotations=annotations)
 
 
+
+def test_snapshots_without_early_stopping_keep_the_best_measured_epoch(tmp_path, annotations):
+    exp = D.DetectorExperiment(**{**TINY, "name": "tiny_snap", "select_on": "val_mAP", "snapshot_every": 2,
+                                  "max_patients": 16, "train": {**TINY["train"], "epochs": 3}})
+    metrics = D.run_experiment(exp, tmp_path, command="pytest")
+    log = pd.read_csv(tmp_path / "folds/fold0/training_log.csv")
+    assert len(log) == 3 and log["val_mAP"].isna().tolist() == [True, False, False]   # epochs 2 and 3 measured
+    assert metrics["results"][0]["row"] == "SSD96 cnn (random, 3 epochs, the best val mAP of every 2 kept, flips/rot90)"
+    # The saved model is the measured epoch of highest validation mAP, not the last epoch.
+    samples = D.make_samples(exp, annotations)
+    fold = D.make_folds(exp, samples)[0]
+    model, _, anchors = D.load_detector(tmp_path / "folds" / "fold0")
+    images = D.image_dataset(fold.val, samples.films, 4, 1)
+    dets = D._to_eval_pixels(exp, samples, fold.val, D.predict_batches(model, images, anchors, exp))
+    val_map = D.detection_metrics(D._ground_truth(exp, fold.val, samples.annotations), dets, exp.iou_threshold)[0]["map"]
+    assert val_map == pytest.approx(log["val_mAP"].max(), abs=1e-6)
+
 def test_lesions_found_summary_counts_each_group_with_a_wilson_interval():
     lesions = pd.DataFrame({"abnormality": ["CIRC", "CIRC", "CALC", "SPIC"], "tissue": ["F", "D", "D", "G"],
                             "severity": ["B", "B", "M", "M"], "radius": [10, 25, 49, 50],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -152,6 +153,37 @@ def test_train_from_arrays_then_evaluate_like_a_saved_model(exported, tmp_path):
     with pytest.raises(ValueError, match="vgg16_weights given"):
         X.train(path, tmp_path / "x.npz", vgg16_weights=tmp_path / "w.weights.h5")
 
+
+
+def test_snapshots_select_the_epoch_on_validation_patients(tmp_path):
+    snap = dict(TINY, name="tiny_snap", train=dict(TINY["train"], epochs=3), select_on="val_mAP", snapshot_every=2,
+                max_patients=24, val_fraction=0.4)
+    exp = D.DetectorExperiment(**snap)
+    path = X.export(exp, tmp_path / "snap.npz")
+    X.train(path, tmp_path / "r.npz", folds=[0], verbose=0, command="pytest-snap")
+    snaps = X.load_snapshots([tmp_path / "r.npz"], 0)
+    assert sorted(snaps) == [2, 3]                               # every 2nd epoch, and the last
+    fold = X.load(path).meta["folds"][0]
+    assert {s: len(snaps[2][s]["index"]) for s in ("val", "test", "train")} == {s: len(fold[s]) for s in ("val", "test", "train")}
+    # The last snapshot is the last epoch's model: the same top default boxes as the final outputs.
+    _, saved = X.load_results(tmp_path / "r.npz")
+    np.testing.assert_array_equal(snaps[3]["test"]["index"], saved["fold0_test"]["index"][:, :X.TOP_SNAPSHOT])
+    info, _ = X.merge_results([tmp_path / "r.npz"])
+    samples = D.make_samples(dataclasses.replace(exp, max_folds=1))
+    picked = X.select_snapshots([tmp_path / "r.npz"], info, dataclasses.replace(exp, max_folds=1), samples)
+    rows = picked[0]["snapshots"]
+    assert [r["epoch"] for r in rows] == [2, 3] and picked[0]["epoch"] == max(rows, key=lambda r: (r["val_mAP"], -r["epoch"]))["epoch"]
+    metrics = X.evaluate([tmp_path / "r.npz"], tmp_path / "model", command="pytest-eval")
+    assert metrics["folds"][0]["training"]["selection"]["epoch"] == picked[0]["epoch"]
+    assert metrics["results"][0]["row"].startswith("SSD96 cnn (random, 3 epochs, the best val mAP of every 2 kept")
+    assert (tmp_path / "model" / "snapshot_selection.png").stat().st_size > 0
+    (tmp_path / "r_fold0_snapshots.npz").unlink()
+    with pytest.raises(ValueError, match="no r_fold0_snapshots.npz"):
+        X.evaluate([tmp_path / "r.npz"], tmp_path / "again")
+    with pytest.raises(D.ConfigError, match="early_stopping: false"):
+        D.DetectorExperiment(**dict(snap, train=dict(snap["train"], early_stopping=True)))
+    with pytest.raises(D.ConfigError, match="select_on: val_mAP only"):
+        D.DetectorExperiment(**dict(snap, select_on="val_loss"))
 
 def test_hed_trunk_exported_as_a_keras_vgg16_weights_file(tmp_path):
     from mammo_tf.models import backbones

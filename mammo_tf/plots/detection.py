@@ -278,3 +278,20 @@ def plot_paired_lesions(table: Mapping[str, Mapping[str, Mapping[str, Any]]], na
         "Same test lesions, two detectors (p: exact sign test over lesions, q: Benjamini-Hochberg over the groups; "
         "found more often by: first/second)",
         3.6, 1.15)
+
+
+def plot_snapshot_selection(selection: Mapping[int, Mapping[str, Any]]) -> Figure:
+    """Validation and test mAP at each kept epoch, one panel per fold, the epoch chosen on validation marked."""
+    fig = Figure(figsize=(3.6 * len(selection), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(selection), sharey=True))
+    for ax, (fold, sel) in zip(axes, sorted(selection.items())):
+        epochs = [r["epoch"] for r in sel["snapshots"]]
+        ax.plot(epochs, [r["val_mAP"] for r in sel["snapshots"]], "o-", ms=3, label="validation patients (selects)")
+        ax.plot(epochs, [r["test_mAP"] for r in sel["snapshots"]], "s--", ms=3, label="test patients (shown only)")
+        ax.axvline(sel["epoch"], color="0.5", ls=":", label=f"kept: epoch {sel['epoch']}")
+        ax.set(title=f"fold {fold}", xlabel="epoch")
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("mAP (IoU >= 0.5)")
+    fig.suptitle("Epoch kept by validation mAP", fontsize=9)
+    fig.tight_layout()
+    return fig
