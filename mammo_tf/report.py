@@ -56,7 +56,7 @@ def build_tables(rows: list[dict]) -> str:
     seen = set()
     for row in rows:
         # Several experiments can report the same fact (e.g. a network's size): list it once.
-        key = (row["table"], row["row"], repr(row["values"]))
+        key = (row["table"], row["row"], repr(row["values"]), row.get("note", ""))
         if key not in seen:
             seen.add(key)
             tables.setdefault(row["table"], []).append(row)

@@ -45,3 +45,12 @@ def test_tables_and_readme_update(tmp_path):
     assert report.update_readme(readme, models)
     assert "stale" not in readme.read_text() and readme.read_text().endswith("outro\n")
     assert not report.update_readme(readme, models)
+
+
+def test_a_fact_reported_twice_is_listed_once_but_rows_with_other_notes_are_kept():
+    row = {"table": "T", "row": "same", "values": {"a": 1.0}, "note": "folds 0, 1", "command": "c", "hardware": "h",
+           "date": "d", "model": "models/x"}
+    again = dict(row, model="models/y")
+    other = dict(row, note="folds 0, 1, 2", model="models/z")
+    lines = [line for line in report.build_tables([row, again, other]).splitlines() if line.startswith("| same")]
+    assert lines == ["| same | 1.000 | folds 0, 1 |", "| same | 1.000 | folds 0, 1, 2 |"]
