@@ -291,7 +291,7 @@ def plot_snapshot_selection(selection: Mapping[int, Mapping[str, Any]]) -> Figur
         ax.axvline(sel["epoch"], color="0.5", ls=":", label=f"kept: epoch {sel['epoch']}")
         ax.set(title=f"fold {fold}", xlabel="epoch")
         ax.legend(fontsize=6)
-    axes[0].set_ylabel("mAP (IoU >= 0.5)")
+    axes[0].set_ylabel("mAP")
     fig.suptitle("Epoch kept by validation mAP", fontsize=9)
     fig.tight_layout()
     return fig
