@@ -180,6 +180,7 @@ def test_snapshots_select_the_epoch_on_validation_patients(tmp_path):
     (tmp_path / "r_fold0_snapshots.npz").unlink()
     with pytest.raises(ValueError, match="no r_fold0_snapshots.npz"):
         X.evaluate([tmp_path / "r.npz"], tmp_path / "again")
+    assert not (tmp_path / "again").exists()                      # refused before anything is written
     with pytest.raises(D.ConfigError, match="early_stopping: false"):
         D.DetectorExperiment(**dict(snap, train=dict(snap["train"], early_stopping=True)))
     with pytest.raises(D.ConfigError, match="select_on: val_mAP only"):
