@@ -80,10 +80,10 @@ def sign_test(found_a: np.ndarray, found_b: np.ndarray, lesion: np.ndarray | Non
            "only_a": int((found_a & ~found_b).sum()), "only_b": int((found_b & ~found_a).sum()),
            "n_lesions": len(per_lesion), "a_more": a_more, "b_more": b_more, "p": p}
     if patient is not None:
-        of_lesion = pd.Series(np.asarray(patient)).groupby(lesion).first()
-        if (pd.Series(np.asarray(patient)).groupby(lesion).nunique() > 1).any():
+        patient_of = pd.Series(np.asarray(patient)).groupby(lesion)  # same groups, same order as per_lesion
+        if (patient_of.nunique() > 1).any():
             raise ValueError("a lesion is listed under two patients")
-        per_patient = per_lesion.groupby(of_lesion.loc[per_lesion.index].to_numpy()).sum()
+        per_patient = per_lesion.groupby(patient_of.first().to_numpy()).sum()
         a_pat, b_pat, p_pat = _signs(per_patient)
         out.update(n_patients=len(per_patient), a_more_patients=a_pat, b_more_patients=b_pat, p_patients=p_pat)
     return out
