@@ -509,10 +509,10 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
         if exp.select_on == "val_mAP":
             select = dict(monitor="val_mAP", mode="max", metrics=[_validation_map_callback(exp, samples, fold.val, anchors)])
         t0 = time.perf_counter()
+        # With snapshots and no early stopping, the best measured epoch is still the one kept.
+        keep_best = tcfg.early_stopping or bool(exp.snapshot_every)
         trainer, history = training.fit(lambda: trainer_cls(build_ssd(ssd_cfg)[0], loss), lambda: {}, train_ds, val_ds,
-                                        tcfg, fold_dir, verbose=verbose, **select)
-        if exp.snapshot_every:  # no early stopping restored the best epoch: its checkpoint does
-            trainer.load_weights(fold_dir / "checkpoints" / "best.weights.h5")
+                                        tcfg, fold_dir, verbose=verbose, keep_best=keep_best, **select)
         seconds = time.perf_counter() - t0
         save_detector(trainer.ssd, exp, anchors, fold_dir, fold=fold.index, precision=precision,
                       train_refnums=sorted(set(fold.train["refnum"])), leaky=fold.leaky)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +13,10 @@ from typing import Any, Callable, Sequence
 import keras
 import pandas as pd
 
+from mammo_tf.io import atomic_write_text
+
 STRATEGIES = ("default", "mirrored", "multi_worker")
+BEST_WEIGHTS = "best.weights.h5"   # under <out>/checkpoints/: the best monitored epoch
 
 
 @dataclass
@@ -36,7 +40,7 @@ def schedule_label(cfg: TrainConfig, monitor: str = "val loss") -> str:
     """How long a model trained and which epoch was kept, for report rows."""
     decay = f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay > 0 else ""
     if cfg.early_stopping:
-        # Keras' EarlyStopping here restores the best epoch's weights (restore_best_weights=True).
+        # `fit` returns the best epoch's weights when early stopping is on.
         return f"best {monitor} of max {cfg.epochs} epochs, patience {cfg.early_stopping_patience}{decay}"
     return f"{cfg.epochs} epochs{decay}"
 
@@ -116,29 +120,97 @@ def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
     return optimizers[cfg.optimizer](learning_rate=cfg.learning_rate, **kwargs)
 
 
+class _LoggedBest:
+    """Mixin for Keras' monitor callbacks: NaN is never an improvement, and a resumed run goes on from its log.
+
+    Keras counts the first value it sees as an improvement even when it is NaN (an epoch without a
+    validation mAP), after which no number beats it; and after a kill its callbacks forget the best
+    value and the patience used up before the kill, so a resumed run could keep a worse epoch.
+    """
+
+    prior: dict
+
+    def _is_improvement(self, monitor_value: Any, reference_value: Any) -> bool:
+        if monitor_value is None or math.isnan(float(monitor_value)):
+            return False
+        return super()._is_improvement(monitor_value, reference_value)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        if self.prior:
+            self.best, self.best_epoch, self.wait = self.prior["best"], self.prior["best_epoch"], self.prior["wait"]
+
+
+class _Checkpoint(_LoggedBest, keras.callbacks.ModelCheckpoint):
+    pass
+
+
+class _EarlyStopping(_LoggedBest, keras.callbacks.EarlyStopping):
+    pass
+
+
+def epochs_done(out_dir: str | Path) -> int:
+    """Epochs a killed run in ``out_dir`` finished, from its BackupAndRestore metadata (0: a fresh start)."""
+    meta = Path(out_dir) / "checkpoints" / "backup" / "training_metadata.json"
+    return int(json.loads(meta.read_text())["epoch"]) if meta.is_file() else 0
+
+
+def logged_best(log: pd.DataFrame, monitor: str, mode: str) -> dict:
+    """Best finite ``monitor`` value in a training log, its epoch and the epochs since it ({} when none)."""
+    if monitor not in log or log.empty:
+        return {}
+    values = pd.to_numeric(log[monitor], errors="coerce")
+    if values.isna().all():
+        return {}
+    # The first best, as Keras keeps it (a later equal value is no improvement).
+    i = int(values.idxmin() if mode == "min" else values.idxmax())
+    best_epoch = int(log["epoch"].loc[i])
+    return {"best": float(values.loc[i]), "best_epoch": best_epoch, "wait": int(log["epoch"].max()) - best_epoch}
+
+
+def _resume_log(out: Path) -> pd.DataFrame:
+    """The log rows of the epochs a killed run finished, rewritten without later ones; a fresh start drops a stale log."""
+    log_path = out / "training_log.csv"
+    done = epochs_done(out)
+    if not done or not log_path.is_file():
+        log_path.unlink(missing_ok=True)
+        return pd.DataFrame()
+    # The log is written before the backup, so it may hold the epoch the kill interrupted: that epoch runs again.
+    log = pd.read_csv(log_path)
+    log = log[log["epoch"] < done].reset_index(drop=True)
+    atomic_write_text(log_path, log.to_csv(index=False))
+    return log
+
+
 def callbacks(out_dir: str | Path, cfg: TrainConfig, monitor: str = "val_loss", mode: str = "min",
               metrics: Sequence[keras.callbacks.Callback] = ()) -> list:
-    """Resumable training: backup for resume after a kill, best checkpoint, early stop, CSV/TensorBoard logs.
+    """Resumable training: CSV/TensorBoard logs, best checkpoint, early stop, and a backup to resume after a kill.
 
     ``metrics``: callbacks that add entries to the epoch's logs (e.g. a validation mAP); they run
-    first, so that the checkpoint, early stopping and the CSV log see what they add.
+    first, so that the checkpoint, early stopping and the CSV log see what they add. The backup
+    runs last: an epoch counts as done only once everything else has seen it.
     """
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    prior = logged_best(_resume_log(out), monitor, mode)
+    checkpoint = _Checkpoint(str(out / "checkpoints" / BEST_WEIGHTS), monitor=monitor, mode=mode,
+                             save_best_only=True, save_weights_only=True)
+    checkpoint.prior = prior
     cbs = [
         *metrics,
-        # Restores model, optimizer and epoch counter when a killed run is started again.
-        keras.callbacks.BackupAndRestore(str(out / "checkpoints" / "backup"), delete_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "best.weights.h5"), monitor=monitor, mode=mode,
-                                        save_best_only=True, save_weights_only=True),
         # append=True keeps the rows of the epochs done before a resume.
         keras.callbacks.CSVLogger(str(out / "training_log.csv"), append=True),
+        checkpoint,
     ]
     if cfg.early_stopping:
-        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience,
-                                                 restore_best_weights=True))
+        # The best epoch's weights come back from the checkpoint (see `fit`), which survives a kill.
+        stopper = _EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience)
+        stopper.prior = prior
+        cbs.append(stopper)
     if cfg.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0))
+    # Restores model, optimizer and epoch counter when a killed run is started again.
+    cbs.append(keras.callbacks.BackupAndRestore(str(out / "checkpoints" / "backup"), delete_checkpoint=True))
     return cbs
 
 
@@ -154,8 +226,13 @@ def fit(
     class_weight: dict[int, float] | None = None,
     verbose: int | str = "auto",
     metrics: Sequence[keras.callbacks.Callback] = (),
+    keep_best: bool | None = None,
 ) -> tuple[keras.Model, pd.DataFrame]:
-    """Build and compile under the configured strategy, train with resumable callbacks, return model and history."""
+    """Build and compile under the configured strategy, train with resumable callbacks, return model and history.
+
+    ``keep_best``: return the weights of the best ``monitor`` epoch rather than the last (default:
+    with early stopping).
+    """
     set_seeds(cfg.seed)
     strategy = make_strategy(cfg.strategy)
     with strategy.scope() if hasattr(strategy, "scope") else strategy:
@@ -167,6 +244,9 @@ def fit(
         callbacks=callbacks(out, cfg, monitor if val_ds is not None else monitor.removeprefix("val_"), mode, metrics),
         verbose=verbose,
     )
+    best = out / "checkpoints" / BEST_WEIGHTS
+    if (cfg.early_stopping if keep_best is None else keep_best) and best.is_file():
+        model.load_weights(best)
     history = pd.read_csv(out / "training_log.csv") if (out / "training_log.csv").is_file() else pd.DataFrame()
     return model, history
 

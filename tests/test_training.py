@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mammo_tf import training
@@ -112,6 +113,76 @@ def test_resume_after_kill_gives_the_same_model(tmp_path, monkeypatch):
     assert history["epoch"].tolist() == [0, 1, 2, 3, 4, 5]  # the log holds every epoch exactly once
     for w_ref, w_res in zip(ref.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(w_ref, w_res, rtol=1e-5, atol=1e-6)
+
+
+def _scripted(values, weights=None):
+    """A metrics callback logging ``score`` = values[epoch] (and keeping each epoch's weights in ``weights``)."""
+    import keras
+
+    class Scripted(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["score"] = values[epoch]
+            if weights is not None:
+                weights[epoch] = self.model.get_weights()
+
+    return Scripted()
+
+
+def test_an_epoch_without_a_value_is_never_the_best(tmp_path):
+    # Keras alone counts a first NaN (an epoch between validation-mAP snapshots) as the best, and
+    # then nothing beats it: the first epoch's weights would be kept.
+    cfg = training.TrainConfig(epochs=4, optimizer="sgd", learning_rate=0.1, tensorboard=False, early_stopping=False)
+    seen = {}
+    model, _ = training.fit(_build, _compile, _data(), None, cfg, tmp_path, monitor="score", mode="max",
+                            verbose=0, metrics=[_scripted([float("nan"), 0.5, 0.7, 0.6], seen)], keep_best=True)
+    for w_best, w_model, w_first in zip(seen[2], model.get_weights(), seen[0]):
+        np.testing.assert_array_equal(w_best, w_model)
+    assert not np.allclose(seen[0][0], seen[2][0])   # the epochs' weights do differ
+
+
+@pytest.mark.parametrize("before_backup", [False, True])
+def test_a_resumed_run_stops_and_keeps_the_same_epoch_as_an_uninterrupted_one(tmp_path, monkeypatch, before_backup):
+    import keras
+
+    # Best at epoch 3, patience 3: an uninterrupted run stops after epoch 6 and keeps epoch 3.
+    values = [5.0, 3.0, 4.0, 2.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+    cfg = training.TrainConfig(epochs=10, optimizer="sgd", learning_rate=0.1, tensorboard=False,
+                               early_stopping=True, early_stopping_patience=3)
+    ds = _data()
+    seen = {}
+    ref, ref_log = training.fit(_build, _compile, ds, None, cfg, tmp_path / "ref", monitor="score", verbose=0,
+                                metrics=[_scripted(values, seen)])
+    assert ref_log["epoch"].tolist() == list(range(7))
+    for w_ref, w_best in zip(ref.get_weights(), seen[3]):
+        np.testing.assert_array_equal(w_ref, w_best)
+
+    class KillAt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 4:
+                raise _Kill()
+
+    # Killed after epoch 4 was backed up, or before (its log row written, its backup not: it runs again).
+    original = training.callbacks
+    monkeypatch.setattr(training, "callbacks", lambda *a, **k: (
+        original(*a, **k)[:-1] + [KillAt()] + original(*a, **k)[-1:] if before_backup else original(*a, **k) + [KillAt()]))
+    with pytest.raises(_Kill):
+        training.fit(_build, _compile, ds, None, cfg, tmp_path / "run", monitor="score", verbose=0,
+                     metrics=[_scripted(values)])
+    assert training.epochs_done(tmp_path / "run") == (4 if before_backup else 5)
+    monkeypatch.setattr(training, "callbacks", original)
+    resumed, log = training.fit(_build, _compile, ds, None, cfg, tmp_path / "run", monitor="score", verbose=0,
+                                metrics=[_scripted(values)])
+    assert log["epoch"].tolist() == list(range(7))   # the same stop, each epoch logged once
+    for w_ref, w_res in zip(ref.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(w_ref, w_res, rtol=1e-5, atol=1e-6)
+
+
+def test_logged_best_reads_what_keras_would_have_kept():
+    log = pd.DataFrame({"epoch": [0, 1, 2, 3], "val_mAP": [float("nan"), 0.2, 0.4, 0.4]})
+    assert training.logged_best(log, "val_mAP", "max") == {"best": 0.4, "best_epoch": 2, "wait": 1}
+    assert training.logged_best(log, "val_mAP", "min") == {"best": 0.2, "best_epoch": 1, "wait": 2}
+    assert training.logged_best(log.iloc[:1], "val_mAP", "max") == {}
+    assert training.logged_best(log, "val_loss", "min") == {}
 
 
 def test_a_re_evaluation_keeps_the_training_provenance_and_never_takes_an_evaluation_for_it(tmp_path):
