@@ -109,6 +109,16 @@ def cmd_evaluate_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detector_baseline(args: argparse.Namespace) -> int:
+    """The blob-candidate reference (no network) on a detector config's samples and folds, into OUT/blobs_<name>/."""
+    from mammo_tf import candidates, detector
+
+    exp = detector.load_experiment(args.config)
+    cfg = candidates.CandidateConfig(per_scale=args.per_scale)
+    candidates.run(exp, Path(args.out) / candidates.run_name(exp.name), cfg, command=_command())
+    return 0
+
+
 def cmd_export_detector_arrays(args: argparse.Namespace) -> int:
     """Export a detector config's samples, targets and folds as arrays (and the hed VGG16 trunk), for training without TensorFlow."""
     from mammo_tf import detector, detector_arrays
@@ -206,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(f"evaluate-{kind}", help=evaluate.__doc__)
         p.add_argument("--model", required=True, help=f"a folder written by train-{kind}")
         p.set_defaults(func=evaluate)
+    p = sub.add_parser("detector-baseline", help=cmd_detector_baseline.__doc__)
+    p.add_argument("--config", required=True, help="a detector config: its samples, folds and evaluation")
+    p.add_argument("--out", default="models")
+    p.add_argument("--per-scale", type=int, default=10, help="strongest candidates kept per radius and image")
+    p.set_defaults(func=cmd_detector_baseline)
     p = sub.add_parser("export-detector-arrays", help=cmd_export_detector_arrays.__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="the .npz to write (image derivatives: keep it out of git)")

@@ -797,12 +797,15 @@ def saved_model_detections(exp: DetectorExperiment, samples: Samples, out_dir: s
 def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: str | None = None,
                         samples: Samples | None = None, annotations: pd.DataFrame | None = None,
                         training_info: dict | None = None,
-                        detections: Callable[[Fold], dict] | None = None, trained_by: dict | None = None) -> dict:
+                        detections: Callable[[Fold], dict] | None = None, trained_by: dict | None = None,
+                        row_name: str | None = None, figure_label: str = "SSD") -> dict:
     """Evaluate every fold's model on its test set, beside the oracle and chance references; write metrics and figures.
 
     ``detections``: where each fold's detections come from (default: its saved model, see
     :func:`saved_model_detections`); ``trained_by``: the provenance of a training run made
-    elsewhere (e.g. on a GPU machine, :mod:`mammo_tf.detector_arrays`).
+    elsewhere (e.g. on a GPU machine, :mod:`mammo_tf.detector_arrays`); ``row_name`` and
+    ``figure_label``: what the report row and the figures call a detector that is not the SSD
+    of ``exp`` (e.g. :mod:`mammo_tf.candidates`).
     """
     from mammo_tf.baselines import oracle_boxes_random_class, random_boxes_random_class
     from mammo_tf.metrics.classification import summarise_folds
@@ -868,7 +871,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     save_figure(dplots.plot_ap_bars(pooled_ev, reference=reference, reference_label="poster (reported)"),
                 out / "ap_bars.png")
     chance_fr = detection_metrics(pooled_gt, pooled_random, exp.iou_threshold)[2]
-    save_figure(dplots.plot_froc({"SSD": pooled_fr, "random boxes (chance)": chance_fr}), out / "froc.png")
+    save_figure(dplots.plot_froc({figure_label: pooled_fr, "random boxes (chance)": chance_fr}), out / "froc.png")
     log = out / "folds" / f"fold{folds[0].index}" / "training_log.csv"
     if log.is_file() and log.stat().st_size:
         save_figure(_training_curves(pd.read_csv(log), f"{exp.name}, fold {folds[0].index}"), out / "training_curves.png")
@@ -893,9 +896,11 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         "summary": {"model": summary, "oracle_boxes_random_class": base_summary,
                     "random_boxes_random_class": random_summary},
         "pooled": pooled,
-        "results": _result_rows(exp, summary, base_summary, len(folds), prov, random_summary),
+        "results": _result_rows(exp, summary, base_summary, len(folds), prov, random_summary, row_name),
         "provenance": prov,
     }
+    if row_name:  # a detector other than exp's SSD: kept, so that `refresh_rows` names it again
+        metrics.update(row_name=row_name, figure_label=figure_label)
     if lesions:
         every = pd.concat(lesions, ignore_index=True)
         # Per lesion, keyed by fold, crop and the lesion's place in its film, so that two detectors on the same test
@@ -903,7 +908,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         with atomic_path(out / LESIONS_FILE) as tmp:
             every[list(LESION_KEYS) + ["found", "found_random"]].to_csv(tmp, index=False)
         metrics["lesions_found"] = lesions_found_summary(every)
-        metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], prov)
+        metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], prov, figure_label)
         save_figure(dplots.plot_lesions_found(metrics["lesions_found"], exp.name), out / "lesions_found.png")
     save_json(out / "metrics.json", metrics)
     return metrics
@@ -936,7 +941,7 @@ def _lesion_sides(exp: DetectorExperiment, records: pd.DataFrame) -> np.ndarray:
 
 
 def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: int, prov: dict,
-                 chance: dict | None = None) -> list[dict]:
+                 chance: dict | None = None, row_name: str | None = None) -> list[dict]:
     from mammo_tf.training import schedule_label
 
     cfg = exp.ssd_config()
@@ -962,7 +967,7 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     tcfg = exp.train_config()
     schedule = (f"{tcfg.epochs} epochs, the best val mAP of every {exp.snapshot_every} kept" if exp.snapshot_every
                 else schedule_label(tcfg, exp.select_on.replace('_', ' ')))
-    name = (f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule}, {_augmentation_label(exp)}{crops})"
+    name = (row_name or f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule}, {_augmentation_label(exp)}{crops})"
             + (" [LEAKY split]" if exp.naive_split else ""))
     return [
         {**common, "row": name, "values": _row_values(summary),
@@ -1056,7 +1061,8 @@ def lesions_found_summary(lesions: pd.DataFrame) -> dict[str, dict[str, dict]]:
     return out
 
 
-def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], prov: dict) -> list[dict]:
+def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], prov: dict,
+                 figure_label: str = "SSD") -> list[dict]:
     """The model's and the random boxes' lesions found per group, one row each, as 'found/n'."""
     common = {"table": LESIONS_TABLES[exp.protocol], "command": prov["command"], "hardware": hardware_label(prov),
               "date": prov["date"]}
@@ -1065,7 +1071,7 @@ def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], pro
     note = (f"{what} pooled over the folds, each fold at its own threshold for at most 1 false positive per image "
             "(box centre in the lesion); random boxes: the chance reference of the detection table")
     cells = lambda key: {v: f"{c[key]}/{c['n']}" for g in table.values() for v, c in g.items()}  # noqa: E731
-    return [{**common, "row": f"{exp.name}: SSD", "values": cells("found"), "note": note},
+    return [{**common, "row": f"{exp.name}: {figure_label}", "values": cells("found"), "note": note},
             {**common, "row": f"{exp.name}: random boxes", "values": cells("found_random"), "note": note}]
 
 
@@ -1076,9 +1082,11 @@ def refresh_rows(model_dir: str | Path) -> list[dict]:
     exp = from_dict(DetectorExperiment, metrics["experiment"])
     summary = metrics["summary"]
     metrics["results"] = _result_rows(exp, summary["model"], summary["oracle_boxes_random_class"],
-                                      len(metrics["folds"]), metrics["provenance"], summary.get("random_boxes_random_class"))
+                                      len(metrics["folds"]), metrics["provenance"], summary.get("random_boxes_random_class"),
+                                      metrics.get("row_name"))
     if "lesions_found" in metrics:
-        metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], metrics["provenance"])
+        metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], metrics["provenance"],
+                                           metrics.get("figure_label", "SSD"))
     save_json(path, metrics)
     return metrics["results"]
 

@@ -67,15 +67,22 @@ def step_classifier(cfg: dict, out: Path) -> dict:
 
 
 def step_detector(cfg: dict, out: Path) -> dict:
-    """Train and evaluate the SSD detector (the configs listed under `detector`)."""
+    """Train and evaluate the SSD detectors (`detector`), and the blob reference beside those in `detector_baselines`."""
     from mammo_tf import detector
 
+    from mammo_tf import candidates
+
     results = {}
+    baselines = set(cfg.get("detector_baselines", []))
     for path in cfg.get("detector", []):
         exp = detector.load_experiment(path)
         metrics = detector.run_experiment(exp, out / "models" / exp.name, command=f"study step detector ({path})",
                                           verbose=2)
         results[exp.name] = metrics["results"]
+        if exp.name in baselines:  # the blob-candidate reference on the same samples and folds (seconds)
+            name = candidates.run_name(exp.name)
+            blobs = candidates.run(exp, out / "models" / name, command=f"study step detector ({path}, blobs)")
+            results[name] = blobs["results"]
     return results
 
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from mammo_tf import classify, detector
+from mammo_tf import candidates, classify, detector
 from mammo_tf.config import from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +33,12 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     assert {"data", "classifier", "detector", "cascade", "external", "report"} <= set(cfg["steps"])
     assert cfg["cascade"]["classifier"] in names and cfg["cascade"]["detector"] in names
     assert cfg["external"]["classifier"] in names and cfg["external"]["detector"] in names
+    # The blob reference runs beside detectors of this setting.
+    assert set(cfg.get("detector_baselines", [])) <= {detector.load_experiment(ROOT / p).name for p in cfg["detector"]}
+    runs = set(names) | {candidates.run_name(n) for n in cfg.get("detector_baselines", [])}
     # Runs of this setting, at least two (exactly two for a paired comparison).
     for group in cfg.get("ensembles", []) + cfg.get("selections", []) + cfg.get("paired_detectors", []):
-        assert len(group["runs"]) >= 2 and set(group["runs"]) <= set(names) and group["name"] not in names
+        assert len(group["runs"]) >= 2 and set(group["runs"]) <= runs and group["name"] not in runs
     assert all(len(group["runs"]) == 2 for group in cfg.get("paired_detectors", []))
 
 
@@ -51,6 +54,15 @@ def test_every_committed_training_config_is_in_the_full_setting():
     assert trained, "no committed training run found"
     missing = {name: path for name, path in trained.items() if path not in listed}
     assert not missing, f"committed runs whose config configs/full.yaml does not list: {missing}"
+
+
+def test_every_committed_reference_and_comparison_is_in_the_full_setting():
+    cfg = _full()
+    listed = {candidates.run_name(n) for n in cfg.get("detector_baselines", [])}
+    listed |= {g["name"] for key in ("ensembles", "selections", "paired_detectors") for g in cfg.get(key, [])}
+    committed = {d.name for d in (ROOT / "models").iterdir() if d.name.startswith(("blobs_", "paired_", "replicates_",
+                                                                                    "selection_"))}
+    assert committed and committed <= listed, f"not in configs/full.yaml: {sorted(committed - listed)}"
 
 
 def test_every_committed_classifier_run_has_its_fold_models():
