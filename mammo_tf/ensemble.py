@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammo_tf.config import provenance
+from mammo_tf.config import hardware_label, provenance
 from mammo_tf.io import load_json, save_figure, save_json
 
 TABLE = "Classification: replicates of one recipe (training seed only) and their mean score"
@@ -108,7 +108,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
     names = [d.name for d in dirs]
     prov = provenance(command)
     common = {"command": prov["command"], "date": prov["date"],
-              "hardware": f"{prov['hardware']['cpu']} ({prov['hardware']['cpu_count']} cores)"}
+              "hardware": hardware_label(prov)}
     members = [f"member{i}" for i in range(len(dirs))]
     values: dict[str, dict[str, Any]] = {n: {} for n in [*names, "ensemble", "logistic"]}
     pair_values: dict[str, dict[str, Any]] = {f"{b} minus {a}": {} for a, b in itertools.combinations(names, 2)}

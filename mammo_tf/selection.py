@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_tf import bilateral, ensemble, patches
-from mammo_tf.config import from_dict, provenance
+from mammo_tf.config import from_dict, hardware_label, provenance
 from mammo_tf.data import mias, splits
 from mammo_tf.io import atomic_path, load_json, save_figure, save_json
 
@@ -164,7 +164,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
         validation = {"patch": validation_patch_aucs(dirs), "film": validation_film_aucs(dirs)}
     prov = provenance(command)
     common = {"command": prov["command"], "date": prov["date"],
-              "hardware": f"{prov['hardware']['cpu']} ({prov['hardware']['cpu_count']} cores)"}
+              "hardware": hardware_label(prov)}
     spread = lambda v: [float(np.mean(v)), float(np.std(v, ddof=1))]  # noqa: E731
     summary: dict[str, Any] = {}
     values: dict[str, dict[str, Any]] = {"chosen": {}, "logistic": {}, "best on test": {}}
