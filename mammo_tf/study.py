@@ -68,9 +68,7 @@ def step_classifier(cfg: dict, out: Path) -> dict:
 
 def step_detector(cfg: dict, out: Path) -> dict:
     """Train and evaluate the SSD detectors (`detector`), and the blob reference beside those in `detector_baselines`."""
-    from mammo_tf import detector
-
-    from mammo_tf import candidates
+    from mammo_tf import candidates, detector
 
     results = {}
     baselines = set(cfg.get("detector_baselines", []))

@@ -169,11 +169,15 @@ def logged_best(log: pd.DataFrame, monitor: str, mode: str) -> dict:
 
 
 def _resume_log(out: Path) -> pd.DataFrame:
-    """The log rows of the epochs a killed run finished, rewritten without later ones; a fresh start drops a stale log."""
+    """The log rows of the epochs a killed run finished, rewritten without later ones.
+
+    A fresh start drops a stale log and best checkpoint, which an earlier run may have left.
+    """
     log_path = out / "training_log.csv"
     done = epochs_done(out)
     if not done or not log_path.is_file():
         log_path.unlink(missing_ok=True)
+        (out / "checkpoints" / BEST_WEIGHTS).unlink(missing_ok=True)
         return pd.DataFrame()
     # The log is written before the backup, so it may hold the epoch the kill interrupted: that epoch runs again.
     log = pd.read_csv(log_path)

@@ -138,6 +138,12 @@ def test_an_epoch_without_a_value_is_never_the_best(tmp_path):
     for w_best, w_model, w_first in zip(seen[2], model.get_weights(), seen[0]):
         np.testing.assert_array_equal(w_best, w_model)
     assert not np.allclose(seen[0][0], seen[2][0])   # the epochs' weights do differ
+    # A fresh run in the same folder, never measured: the last epoch, not the earlier run's best checkpoint.
+    again = {}
+    model, _ = training.fit(_build, _compile, _data(), None, cfg, tmp_path, monitor="score", mode="max",
+                            verbose=0, metrics=[_scripted([float("nan")] * 4, again)], keep_best=True)
+    for w_last, w_model in zip(again[3], model.get_weights()):
+        np.testing.assert_array_equal(w_last, w_model)
 
 
 @pytest.mark.parametrize("before_backup", [False, True])
