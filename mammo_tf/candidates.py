@@ -145,21 +145,19 @@ def candidate_detections(exp: Any, samples: Any, cfg: CandidateConfig = Candidat
         y = np.concatenate([candidate_labels(b, np.asarray(g, np.float64).reshape(-1, 4), lab, cfg.label_iou)
                             for (b, _), g, lab in zip(train, fold.train["boxes"], fold.train["box_labels"])])
         splits = {"test": fold.test, "train": fold.train, "train_recut": D.recut_train_records(exp, samples, fold)}
-        out, found, n_lesions = {}, 0, 0
-        for split, records in splits.items():
-            if records is None or not len(records):
-                continue
-            cands = train if split == "train" else extract(records, radii)
-            proba = logistic_proba(x, y, np.concatenate([f for _, f in cands]), seed=exp.seed + fold.index)
-            ends = np.cumsum([len(b) for b, _ in cands])
-            out[split] = [_as_detections(b, p, r.size, exp)
-                          for (b, _), p, r in zip(cands, np.split(proba, ends[:-1]), records.itertuples())]
-            if split == "test":  # the ceiling a perfect scorer of these candidates would reach
-                for (b, _), g in zip(cands, records["boxes"]):
-                    g = np.asarray(g, np.float64).reshape(-1, 4)
-                    n_lesions += len(g)
-                    if len(g) and len(b):
-                        found += int((iou_matrix(g, b).max(axis=1) >= exp.iou_threshold).sum())
+        splits = {k: r for k, r in splits.items() if r is not None and len(r)}
+        cands = {k: train if k == "train" else extract(r, radii) for k, r in splits.items()}
+        # One regression per fold, fitted on the training candidates, scores every split's.
+        every = [c for k in splits for c in cands[k]]
+        proba = logistic_proba(x, y, np.concatenate([f for _, f in every]), seed=exp.seed + fold.index)
+        parts = iter(np.split(proba, np.cumsum([len(b) for b, _ in every])[:-1]))
+        out = {k: [_as_detections(b, next(parts), r.size, exp) for (b, _), r in zip(cands[k], splits[k].itertuples())]
+               for k in splits}
+        # The ceiling a perfect scorer of these candidates would reach.
+        truth = [np.asarray(g, np.float64).reshape(-1, 4) for g in splits["test"]["boxes"]]
+        n_lesions = sum(len(g) for g in truth)
+        found = sum(int((iou_matrix(g, b).max(axis=1) >= exp.iou_threshold).sum())
+                    for (b, _), g in zip(cands["test"], truth) if len(g) and len(b))
         info[fold.index] = {"seconds": time.perf_counter() - t0, "radii_px": radii.tolist(),
                             "n_train_candidates": int(len(y)),
                             "n_train_candidates_by_class": {str(c): int((y == c).sum()) for c in (0, 1, 2)},
