@@ -106,6 +106,7 @@ class DetectorExperiment:
     max_total: int = 200
     neg_pos_ratio: float = 3.0
     min_negatives: int = 0
+    loc_weight: float = 1.0               # alpha of the MultiBox loss: the box regression's weight against the class term
     augment: bool = True
     augment_ops: str = "flips_rot90"      # flips_rot90 | left_right (mirror images only: still plausible mammograms) | none
     max_angle: float = 0.0
@@ -139,6 +140,8 @@ class DetectorExperiment:
                 raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
         if not 0.0 <= self.score_threshold < 1.0:
             raise ConfigError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
+        if not self.loc_weight > 0:
+            raise ConfigError(f"loc_weight must be > 0, got {self.loc_weight}")
         if self.crops_per_lesion < 1:
             raise ConfigError(f"crops_per_lesion must be >= 1, got {self.crops_per_lesion}")
         if not 0.1 <= self.zoom_min_scale <= 1.0:
@@ -485,7 +488,6 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
     import keras
 
     from mammo_tf import training
-    from mammo_tf.losses import MultiBoxLoss
     from mammo_tf.models.ssd import build_ssd
 
     fold_dir = Path(fold_dir)
@@ -504,7 +506,7 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
         val_ds = (detection_dataset(fold.val, samples.films, anchors, training=False, **common)
                   if len(fold.val) else None)
         trainer_cls = _trainer_class()
-        loss = MultiBoxLoss(neg_pos_ratio=exp.neg_pos_ratio, min_negatives=exp.min_negatives)
+        loss = multibox_loss(exp)
         select = {}
         if exp.select_on == "val_mAP":
             select = dict(monitor="val_mAP", mode="max", metrics=[_validation_map_callback(exp, samples, fold.val, anchors)])
@@ -524,6 +526,13 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
     # Wall-clock rate of the whole fit (graph tracing and validation included).
     return {"seconds": seconds, "epochs": epochs, "n_train": len(fold.train), "n_val": len(fold.val),
             "train_images_per_s": len(fold.train) * epochs / seconds, "precision": precision}
+
+
+def multibox_loss(exp: DetectorExperiment) -> Any:
+    """The experiment's MultiBox loss (hard negatives, their floor, the box term's weight)."""
+    from mammo_tf.losses import MultiBoxLoss
+
+    return MultiBoxLoss(neg_pos_ratio=exp.neg_pos_ratio, min_negatives=exp.min_negatives, alpha=exp.loc_weight)
 
 
 def is_snapshot_epoch(exp: DetectorExperiment, epoch: int) -> bool:
@@ -964,11 +973,12 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     if cfg.fc6_input_norm:
         init += ", pool5 L2-normalised"
     crops = f", {exp.crops_per_lesion} crops per lesion" if exp.protocol == "crops" and exp.crops_per_lesion > 1 else ""
+    box_weight = f", box loss weight {exp.loc_weight:g}" if exp.loc_weight != 1 else ""
     tcfg = exp.train_config()
     schedule = (f"{tcfg.epochs} epochs, the best val mAP of every {exp.snapshot_every} kept" if exp.snapshot_every
                 else schedule_label(tcfg, exp.select_on.replace('_', ' ')))
-    name = (row_name or f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule}, {_augmentation_label(exp)}{crops})"
-            + (" [LEAKY split]" if exp.naive_split else ""))
+    model = f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule}, {_augmentation_label(exp)}{crops}{box_weight})"
+    name = (row_name or model) + (" [LEAKY split]" if exp.naive_split else "")
     return [
         {**common, "row": name, "values": _row_values(summary),
          "note": f"{protocol}; {split}; VOC AP at IoU >= {exp.iou_threshold:g}; FROC: box centre in lesion"},

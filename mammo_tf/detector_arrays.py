@@ -244,7 +244,6 @@ def train(arrays_path: str | Path, out_path: str | Path, vgg16_weights: str | Pa
     from mammo_tf import detector as D
     from mammo_tf import training
     from mammo_tf.config import provenance
-    from mammo_tf.losses import MultiBoxLoss
     from mammo_tf.models.ssd import build_ssd
 
     t_start = time.perf_counter()
@@ -274,7 +273,7 @@ def train(arrays_path: str | Path, out_path: str | Path, vgg16_weights: str | Pa
         train_rows, val_rows, test_rows = (np.asarray(fold[s], np.int64) for s in ("train", "val", "test"))
         train_ds = batches(arrays, train_rows, tcfg.batch_size, channels, allowed, seed=tcfg.seed + k)
         val_ds = batches(arrays, val_rows, tcfg.batch_size, channels) if len(val_rows) else None
-        loss = MultiBoxLoss(neg_pos_ratio=exp.neg_pos_ratio, min_negatives=exp.min_negatives)
+        loss = D.multibox_loss(exp)
         trainer_cls = D._trainer_class()
         snapshots: dict[str, dict[str, np.ndarray]] = {}
         watch = []

@@ -303,6 +303,20 @@ def test_rows_name_crops_per_lesion_and_the_leaky_folds(tmp_path):
     assert f"LEAKY: random split of samples instead of by patient (leakage audit only); {len(metrics['folds'])} of 5 random folds" in oracle["note"]
 
 
+def test_rows_name_the_box_loss_weight_and_keep_leaky_on_another_detector(tmp_path):
+    metrics = json.loads(Path("models/ssd_cnn300_crops_naive/metrics.json").read_text())
+    metrics["experiment"]["loc_weight"] = 3.0
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert D.refresh_rows(tmp_path)[0]["row"] == "SSD300 cnn (random, 20 epochs, flips/rot90, box loss weight 3) [LEAKY split]"
+    metrics["row_name"] = "Blob candidates"   # a reference evaluated on the leaky folds is still labelled so
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert D.refresh_rows(tmp_path)[0]["row"] == "Blob candidates [LEAKY split]"
+    exp = D.from_dict(D.DetectorExperiment, metrics["experiment"])
+    assert D.multibox_loss(exp).alpha == 3.0 and D.multibox_loss(D.DetectorExperiment()).alpha == 1.0
+    with pytest.raises(ConfigError, match="loc_weight must be > 0"):
+        D.DetectorExperiment(loc_weight=0)
+
+
 def test_augmentation_label_names_every_transform():
     assert D._augmentation_label(D.DetectorExperiment(augment_ops="none", zoom_min_scale=0.5)) == "zoom in up to 2x"
     assert D._augmentation_label(D.DetectorExperiment(augment_ops="left_right", max_angle=10)) == (
