@@ -155,7 +155,7 @@ def test_train_from_arrays_then_evaluate_like_a_saved_model(exported, tmp_path):
 
 
 
-def test_snapshots_select_the_epoch_on_validation_patients(tmp_path):
+def test_snapshots_select_the_epoch_on_validation_patients(tmp_path, monkeypatch):
     snap = dict(TINY, name="tiny_snap", train=dict(TINY["train"], epochs=3), select_on="val_mAP", snapshot_every=2,
                 max_patients=24, val_fraction=0.4)
     exp = D.DetectorExperiment(**snap)
@@ -173,6 +173,16 @@ def test_snapshots_select_the_epoch_on_validation_patients(tmp_path):
     picked = X.select_snapshots([tmp_path / "r.npz"], info, dataclasses.replace(exp, max_folds=1), samples)
     rows = picked[0]["snapshots"]
     assert [r["epoch"] for r in rows] == [2, 3] and picked[0]["epoch"] == max(rows, key=lambda r: (r["val_mAP"], -r["epoch"]))["epoch"]
+    # The tiny model's mAPs may all be 0, which any rule would pass: with scripted mAPs (per epoch, validation then
+    # test) the later snapshot is best on validation and worse on test, so only a choice on validation picks it; a tie
+    # keeps the earlier epoch.
+    for script, want in (([0.1, 0.9, 0.4, 0.2], 3), ([0.3, 0.9, 0.3, 0.2], 2)):
+        values = iter(script)
+        monkeypatch.setattr(D, "detection_metrics", lambda *a, **k: ({"map": next(values)},))
+        scripted = X.select_snapshots([tmp_path / "r.npz"], info, dataclasses.replace(exp, max_folds=1), samples)[0]
+        assert scripted["epoch"] == want
+        assert [(r["val_mAP"], r["test_mAP"]) for r in scripted["snapshots"]] == list(zip(script[0::2], script[1::2]))
+    monkeypatch.undo()
     metrics = X.evaluate([tmp_path / "r.npz"], tmp_path / "model", command="pytest-eval")
     assert metrics["folds"][0]["training"]["selection"]["epoch"] == picked[0]["epoch"]
     assert metrics["results"][0]["row"].startswith("SSD96 cnn (random, 3 epochs, the best val mAP of every 2 kept")
