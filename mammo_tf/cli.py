@@ -119,6 +119,16 @@ def cmd_detector_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_tiled(args: argparse.Namespace) -> int:
+    """Search whole films at full resolution, tile by tile, with a crops-protocol detector run's fold models, into OUT/tiled_<name>/."""
+    from mammo_tf import tiled
+
+    model_dir = Path(args.model)
+    cfg = tiled.TileConfig(stride=args.stride, min_breast=args.min_breast)
+    tiled.run(model_dir, Path(args.out) / tiled.run_name(model_dir.name), cfg, command=_command())
+    return 0
+
+
 def cmd_export_detector_arrays(args: argparse.Namespace) -> int:
     """Export a detector config's samples, targets and folds as arrays (and the hed VGG16 trunk), for training without TensorFlow."""
     from mammo_tf import detector, detector_arrays
@@ -221,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models")
     p.add_argument("--per-scale", type=int, default=10, help="strongest candidates kept per radius and image")
     p.set_defaults(func=cmd_detector_baseline)
+    p = sub.add_parser("evaluate-tiled", help=cmd_evaluate_tiled.__doc__)
+    p.add_argument("--model", required=True, help="a folder written by train-detector with protocol: crops")
+    p.add_argument("--out", default="models")
+    p.add_argument("--stride", type=int, default=200, help="film pixels between tile origins")
+    p.add_argument("--min-breast", type=float, default=0.05, help="share of a tile that must be breast")
+    p.set_defaults(func=cmd_evaluate_tiled)
     p = sub.add_parser("export-detector-arrays", help=cmd_export_detector_arrays.__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="the .npz to write (image derivatives: keep it out of git)")

@@ -784,16 +784,21 @@ def _row_values(summary: dict) -> dict:
     return values
 
 
+def check_unseen(fold_dir: str | Path, fold: Fold) -> None:
+    """Fail unless the fold model in ``fold_dir`` never trained on a film of ``fold``'s test set (leaky folds excepted)."""
+    seen = set(load_json(Path(fold_dir) / CONFIG_FILE).get("train_refnums", [])) & set(fold.test["refnum"])
+    if seen and not fold.leaky:
+        raise ConfigError(f"{fold_dir}: this model trained on {len(seen)} of the fold's test films "
+                          f"(e.g. {sorted(seen)[:3]}): it was trained with other folds; retrain it")
+
+
 def saved_model_detections(exp: DetectorExperiment, samples: Samples, out_dir: str | Path) -> Callable[[Fold], dict]:
     """``fold -> {"test", "train"[, "train_recut"]: detections}`` (normalised boxes, record order) of each fold's saved model."""
 
     def detections(fold: Fold) -> dict[str, list[dict]]:
         fold_dir = Path(out_dir) / "folds" / f"fold{fold.index}"
         model, _, anchors = load_detector(fold_dir)
-        seen = set(load_json(fold_dir / CONFIG_FILE).get("train_refnums", [])) & set(fold.test["refnum"])
-        if seen and not fold.leaky:
-            raise ConfigError(f"{fold_dir}: this model trained on {len(seen)} of the fold's test films "
-                              f"(e.g. {sorted(seen)[:3]}): it was trained with other folds; retrain it")
+        check_unseen(fold_dir, fold)
         batch, channels = exp.train_config().batch_size, exp.ssd_config().input_channels
         # The training set too: does the model fit it, and its lesions beyond its crops? (Fit checks, not results.)
         splits = {"test": fold.test, "train": fold.train, "train_recut": recut_train_records(exp, samples, fold)}
@@ -807,14 +812,16 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                         samples: Samples | None = None, annotations: pd.DataFrame | None = None,
                         training_info: dict | None = None,
                         detections: Callable[[Fold], dict] | None = None, trained_by: dict | None = None,
-                        row_name: str | None = None, figure_label: str = "SSD") -> dict:
+                        row_name: str | None = None, figure_label: str = "SSD",
+                        protocol_note: str | None = None) -> dict:
     """Evaluate every fold's model on its test set, beside the oracle and chance references; write metrics and figures.
 
     ``detections``: where each fold's detections come from (default: its saved model, see
     :func:`saved_model_detections`); ``trained_by``: the provenance of a training run made
     elsewhere (e.g. on a GPU machine, :mod:`mammo_tf.detector_arrays`); ``row_name`` and
     ``figure_label``: what the report row and the figures call a detector that is not the SSD
-    of ``exp`` (e.g. :mod:`mammo_tf.candidates`).
+    of ``exp`` (e.g. :mod:`mammo_tf.candidates`); ``protocol_note``: how the test samples were
+    searched, when not as ``exp.protocol`` says (e.g. :mod:`mammo_tf.tiled`).
     """
     from mammo_tf.baselines import oracle_boxes_random_class, random_boxes_random_class
     from mammo_tf.metrics.classification import summarise_folds
@@ -895,7 +902,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         keep_training_provenance(prov, out / "metrics.json")
     metrics = {
         "experiment": exp.to_dict(),
-        "protocol_note": CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE,
+        "protocol_note": protocol_note or (CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE),
         "leaky": exp.naive_split,
         "excluded_films": samples.excluded,
         "n_samples": len(samples.records),
@@ -905,7 +912,8 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         "summary": {"model": summary, "oracle_boxes_random_class": base_summary,
                     "random_boxes_random_class": random_summary},
         "pooled": pooled,
-        "results": _result_rows(exp, summary, base_summary, len(folds), prov, random_summary, row_name),
+        "results": _result_rows(exp, summary, base_summary, len(folds), prov, random_summary, row_name,
+                                protocol_note),
         "provenance": prov,
     }
     if row_name:  # a detector other than exp's SSD: kept, so that `refresh_rows` names it again
@@ -950,13 +958,13 @@ def _lesion_sides(exp: DetectorExperiment, records: pd.DataFrame) -> np.ndarray:
 
 
 def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: int, prov: dict,
-                 chance: dict | None = None, row_name: str | None = None) -> list[dict]:
+                 chance: dict | None = None, row_name: str | None = None, protocol_note: str | None = None) -> list[dict]:
     from mammo_tf.training import schedule_label
 
     cfg = exp.ssd_config()
     split = (f"{LEAKY_NOTE}; {n_folds} of {exp.folds} random folds" if exp.naive_split
              else f"{n_folds} of {exp.folds} patient folds")
-    protocol = CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE
+    protocol = protocol_note or (CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE)
     table = ("Detection (mini-MIAS, crops around lesions: location given)" if exp.protocol == "crops"
              else "Detection (mini-MIAS, whole films: no prior location)")
     hardware = hardware_label(prov)
@@ -1081,8 +1089,9 @@ def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], pro
     note = (f"{what} pooled over the folds, each fold at its own threshold for at most 1 false positive per image "
             "(box centre in the lesion); random boxes: the chance reference of the detection table")
     cells = lambda key: {v: f"{c[key]}/{c['n']}" for g in table.values() for v, c in g.items()}  # noqa: E731
+    # Named like the detection table's chance row, so that runs on the same test samples share one row.
     return [{**common, "row": f"{exp.name}: {figure_label}", "values": cells("found"), "note": note},
-            {**common, "row": f"{exp.name}: random boxes", "values": cells("found_random"), "note": note}]
+            {**common, "row": "Random boxes, random class", "values": cells("found_random"), "note": note}]
 
 
 def refresh_rows(model_dir: str | Path) -> list[dict]:
@@ -1093,7 +1102,7 @@ def refresh_rows(model_dir: str | Path) -> list[dict]:
     summary = metrics["summary"]
     metrics["results"] = _result_rows(exp, summary["model"], summary["oracle_boxes_random_class"],
                                       len(metrics["folds"]), metrics["provenance"], summary.get("random_boxes_random_class"),
-                                      metrics.get("row_name"))
+                                      metrics.get("row_name"), metrics.get("protocol_note"))
     if "lesions_found" in metrics:
         metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], metrics["provenance"],
                                            metrics.get("figure_label", "SSD"))

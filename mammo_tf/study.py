@@ -67,8 +67,9 @@ def step_classifier(cfg: dict, out: Path) -> dict:
 
 
 def step_detector(cfg: dict, out: Path) -> dict:
-    """Train and evaluate the SSD detectors (`detector`), and the blob reference beside those in `detector_baselines`."""
-    from mammo_tf import candidates, detector
+    """Train and evaluate the SSD detectors (`detector`), the blob reference beside those in `detector_baselines`,
+    and the crops detectors in `tiled_detectors` searching whole films tile by tile."""
+    from mammo_tf import candidates, detector, tiled
 
     results = {}
     baselines = set(cfg.get("detector_baselines", []))
@@ -81,6 +82,10 @@ def step_detector(cfg: dict, out: Path) -> dict:
             name = candidates.run_name(exp.name)
             blobs = candidates.run(exp, out / "models" / name, command=f"study step detector ({path}, blobs)")
             results[name] = blobs["results"]
+    for name in cfg.get("tiled_detectors", []):  # once every detector is trained: they need the crops runs
+        run = tiled.run(out / "models" / name, out / "models" / tiled.run_name(name),
+                        command=f"study step detector ({name}, tiled)")
+        results[tiled.run_name(name)] = run["results"]
     return results
 
 

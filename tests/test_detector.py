@@ -167,7 +167,7 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     assert set(per_lesion["refnum"]) <= test_refnums and int(per_lesion["found"].sum()) == sum(
         c["found"] for c in found["severity"].values())
     lesion_rows = [r for r in on_disk["results"] if r["table"] == D.LESIONS_TABLES["whole"]]
-    assert [r["row"] for r in lesion_rows] == ["tiny: SSD", "tiny: random boxes"]
+    assert [r["row"] for r in lesion_rows] == ["tiny: SSD", "Random boxes, random class"]
     assert fold["n_test"] > 0 and fold["training"]["epochs"] == 1 and fold["training"]["train_images_per_s"] > 0
     assert not set(fold["train_patients"]) & set(fold["test_patients"])
     for name in ("model.keras", "config.json", "pr_curves.png", "ap_bars.png", "froc.png", "training_curves.png",

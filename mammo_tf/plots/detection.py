@@ -184,6 +184,18 @@ def draw_detection_grid(panels: Sequence[Mapping[str, Any]], ncols: int = 3) -> 
     return fig
 
 
+def draw_tiled_search(image: ArrayLike, origins: ArrayLike, size: int, gt_boxes: ArrayLike, gt_labels: ArrayLike,
+                      detections: Mapping[str, ArrayLike], top: int = 3) -> Figure:
+    """A film with the tiles searched (thin, cyan), its lesions and the ``top`` highest-scoring detections."""
+    det = {k: np.asarray(v)[:top] for k, v in detections.items()}  # detections come sorted by score
+    fig = draw_detections(image, gt_boxes, gt_labels, det["boxes"], det["labels"], det["scores"],
+                          title=f"{len(np.asarray(origins))} tiles of {size} px; the best {top} detections")
+    ax = fig.axes[0]
+    for t, l in np.asarray(origins).reshape(-1, 2):
+        ax.add_patch(Rectangle((l, t), size, size, fill=False, lw=0.6, ec="cyan", alpha=0.6))
+    return fig
+
+
 def plot_default_boxes(image: np.ndarray, anchor_cfg: Any, gt_boxes: np.ndarray | None = None,
                        gt_labels: np.ndarray | None = None, match_iou: float = 0.5) -> Figure:
     """Left: the default boxes of one location per feature map. Right: the boxes matched to the ground truth."""

@@ -1,0 +1,95 @@
+"""Tiled full-resolution search with a crops-trained detector: tile placement, merging, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mammo_tf import detector as D
+from mammo_tf import tiled as T
+from mammo_tf.config import ConfigError
+from mammo_tf.data import mias
+
+
+def _rect_mask(top: int, bottom: int, left: int, right: int, n: int = 1024) -> np.ndarray:
+    mask = np.zeros((n, n), bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+def test_tiles_cover_the_breast_box_the_last_flush_with_its_edge():
+    origins = T.tile_origins(_rect_mask(100, 700, 0, 400), size=300, stride=200, min_breast=0.0)
+    assert sorted(map(tuple, origins)) == [(t, l) for t in (100, 300, 400) for l in (0, 100)]
+    covered = np.zeros((1024, 1024), bool)
+    for t, l in origins:
+        covered[t:t + 300, l:l + 300] = True
+    assert covered[100:700, 0:400].all()
+
+
+def test_tiles_stay_in_the_film_and_skip_those_with_too_little_breast():
+    # A breast strip at the right edge, narrower than a tile: the tile is pushed inside the film.
+    origins = T.tile_origins(_rect_mask(0, 1024, 1000, 1024), 300, 300)
+    assert origins.tolist() == [[0, 724], [300, 724], [600, 724], [724, 724]]
+    # 24 of 300 columns are breast: 8 % of each tile, below a 10 % minimum.
+    assert len(T.tile_origins(_rect_mask(0, 1024, 1000, 1024), 300, 300, min_breast=0.1)) == 0
+    assert len(T.tile_origins(np.zeros((1024, 1024), bool), 300, 200)) == 0
+    with pytest.raises(ValueError, match="gaps"):
+        T.tile_origins(_rect_mask(0, 500, 0, 500), 300, 301)
+    with pytest.raises(ValueError, match="exceeds"):
+        T.tile_origins(_rect_mask(0, 100, 0, 100, n=200), 300, 100)
+
+
+def test_merged_tiles_are_in_film_pixels_and_duplicates_of_one_class_suppressed():
+    box = lambda *b: np.array([b], np.float64)  # noqa: E731
+    det = lambda b, label, score: {"boxes": b, "labels": np.array([label]), "scores": np.array([score])}  # noqa: E731
+    tiles = [det(box(0.5, 0.5, 0.8, 0.8), 1, 0.9),          # film [150, 150, 240, 240]
+             det(box(0.5, 0.5, 0.8, 0.8) - 1 / 3, 1, 0.6),   # the same spot seen from the tile at (100, 100)
+             det(box(0.5, 0.5, 0.8, 0.8) - 1 / 3, 2, 0.7),   # same spot, other class: kept
+             det(box(0.0, 0.0, 0.2, 0.2), 2, 0.8)]            # film [400, 100, 460, 160]
+    merged = T.merge_tiles(tiles, np.array([[0, 0], [100, 100], [100, 100], [400, 100]]), 300, 0.45, 10)
+    np.testing.assert_allclose(merged["boxes"], [[150, 150, 240, 240], [400, 100, 460, 160], [150, 150, 240, 240]])
+    assert merged["labels"].tolist() == [1, 2, 2] and merged["scores"].tolist() == [0.9, 0.8, 0.7]
+    assert len(T.merge_tiles(tiles, np.zeros((4, 2), int), 300, 0.45, max_total=2)["scores"]) == 2
+    empty = T.merge_tiles([], np.zeros((0, 2), int), 300, 0.45, 10)
+    assert empty["boxes"].shape == (0, 4) and len(empty["labels"]) == 0
+
+
+TINY_CROPS = dict(name="tiny_crops", protocol="crops", image_size=96, ssd={"backbone": "cnn"},
+                  train={"epochs": 1, "batch_size": 4, "early_stopping": False, "tensorboard": False},
+                  folds=2, max_folds=1, max_patients=6, val_fraction=0.3, n_examples=2, seed=0)
+
+
+def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotations):
+    crops_dir = tmp_path / "tiny_crops"
+    D.run_experiment(D.DetectorExperiment(**TINY_CROPS), crops_dir, command="pytest")
+    out = tmp_path / T.run_name("tiny_crops")
+    metrics = T.run(crops_dir, out, T.TileConfig(stride=96), command="pytest", annotations=annotations)
+    fold = metrics["folds"][0]
+    # The whole-film samples of the same patients: every test film, lesion or normal, is searched.
+    assert metrics["experiment"]["protocol"] == "whole" and metrics["protocol_note"] == T.TILED_NOTE
+    films = mias.images_table(annotations)
+    test_films = set(films.loc[films["patient_id"].isin(fold["test_patients"]), "refnum"])
+    assert fold["n_test"] == len(test_films - set(metrics["excluded_films"])) > 0
+    # A 1024 px film's breast spans hundreds of pixels: many 96 px tiles each, fewer than the whole grid.
+    assert 10 < fold["training"]["tiles_per_test_film"] < (1024 // 96 + 1) ** 2
+    row = next(r for r in metrics["results"] if r["row"].startswith("SSD96 cnn trained on crops"))
+    assert row["table"] == "Detection (mini-MIAS, whole films: no prior location)" and T.TILED_NOTE in row["note"]
+    assert (out / "config.json").is_file() and (out / "froc.png").is_file() and (out / D.LESIONS_FILE).is_file()
+    # Relabelled from the stored summary, the rows come back the same (NaN cells compared as text).
+    assert json.dumps(D.refresh_rows(out)) == json.dumps(metrics["results"])
+    with pytest.raises(ConfigError, match="patient-split crops"):
+        T.run(out, tmp_path / "again", command="pytest", annotations=annotations)
+
+
+def test_the_tiled_search_figure_draws_every_tile_and_the_best_detections():
+    from mammo_tf.plots.detection import draw_tiled_search
+
+    origins = T.tile_origins(_rect_mask(100, 700, 0, 400), 300, 200)
+    dets = {"boxes": np.array([[10, 10, 50, 50], [60, 60, 90, 90], [0, 0, 5, 5]], float),
+            "labels": np.array([1, 2, 1]), "scores": np.array([0.9, 0.5, 0.1])}
+    fig = draw_tiled_search(np.zeros((1024, 1024), np.uint8), origins, 300, np.array([[10, 10, 50, 50]]),
+                            np.array([2]), dets, top=2)
+    # One rectangle per tile, per lesion and per detection kept.
+    assert len(fig.axes[0].patches) == len(origins) + 1 + 2 and "6 tiles" in fig.axes[0].get_title()
