@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-tiled", help=cmd_evaluate_tiled.__doc__)
     p.add_argument("--model", required=True, help="a folder written by train-detector with protocol: crops")
     p.add_argument("--out", default="models")
-    p.add_argument("--stride", type=int, default=200, help="film pixels between tile origins")
+    p.add_argument("--stride", type=int, help="film pixels between tile origins (default: two thirds of a tile)")
     p.add_argument("--min-breast", type=float, default=0.05, help="share of a tile that must be breast")
     p.set_defaults(func=cmd_evaluate_tiled)
     p = sub.add_parser("export-detector-arrays", help=cmd_export_detector_arrays.__doc__)

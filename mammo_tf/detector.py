@@ -55,9 +55,10 @@ ORACLE_NOTE = "reference: every ground-truth box found exactly, class and score 
 RANDOM_BOXES_PER_IMAGE = 10
 RANDOM_NOTE = (f"chance reference: {RANDOM_BOXES_PER_IMAGE} boxes per image centred at random in the breast, sides "
                "drawn from the training lesions', class and score random")
-CROPS_MODEL_WARNING = (
-    "this model was trained on full-resolution crops around lesions (crops protocol); whole films "
-    "downsampled for inference are outside what it has seen"
+CROPS_MODEL_NOTE = (
+    "this model was trained on full-resolution crops (crops protocol): each film is searched at its own "
+    "resolution in tiles of the model's input size (mammo_tf.tiled), so it should be at about 0.2 mm per "
+    "pixel, as mini-MIAS is"
 )
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
@@ -630,6 +631,23 @@ def detect_prepared(model: Any, exp: DetectorExperiment, anchor_cfg: Any, prepar
             for d, t, shape in zip(dets, transforms, image_shapes)]
 
 
+def detect_films(model: Any, exp: DetectorExperiment, anchor_cfg: Any, images: Sequence[np.ndarray],
+                 batch_size: int = 8, masks: Sequence[np.ndarray] | None = None,
+                 prepared: Sequence[tuple] | None = None) -> list[dict]:
+    """Detections in each film's own pixels: a whole-protocol model sees the breast resized to its input
+    (``prepared``: `prepare_whole`'s outputs, when made already), a crops-protocol model searches the film at
+    full resolution, tile by tile (:mod:`mammo_tf.tiled`; ``masks``: the films' breast masks, when made)."""
+    if exp.protocol == "crops":
+        from mammo_tf import tiled
+
+        masks = masks if masks is not None else [P.breast_mask(im) for im in images]
+        return [tiled.detect_film(model, exp, anchor_cfg, im, m, tiled.TileConfig(), batch_size)[0]
+                for im, m in zip(images, masks)]
+    prepared = prepared or [P.prepare_whole(im, None, size=exp.image_size) for im in images]
+    return detect_prepared(model, exp, anchor_cfg, [p[0] for p in prepared], [p[2] for p in prepared],
+                           [im.shape for im in images], batch_size)
+
+
 def to_original_pixels(boxes: np.ndarray, transform: P.WholeTransform, image_shape: Sequence[int]) -> np.ndarray:
     """Normalised boxes on a prepared whole film -> pixel boxes on the original film (clipped to it)."""
     pixels = transform.to_original(np.asarray(boxes, np.float64).reshape(-1, 4) * transform.size)
@@ -1200,9 +1218,9 @@ def detect_images(paths: Sequence[str | Path], model_dir: str | Path, out_dir: s
                   score_threshold: float = 0.5, batch_size: int = 8) -> list[dict]:
     """Detect lesions on image files (PGM/PNG/JPEG/TIFF/DICOM); per image an overlay PNG and a JSON.
 
-    Each film is prepared as in the whole protocol (breast crop, square pad, resize) and the boxes
-    are mapped back to the file's pixel coordinates. Images go through the model ``batch_size``
-    at a time (one image is a batch of one). A file that cannot be read or prepared gets an
+    Each film is searched as :func:`detect_films` says (the breast resized, or full-resolution tiles
+    for a crops-protocol model) and the boxes are given in the file's pixel coordinates. Images
+    go through the model ``batch_size`` at a time (one image is a batch of one). A file that cannot be read or prepared gets an
     ``error`` entry and the others are still processed. Returns one dict per path, in order
     (also written to ``out_dir/results.json``).
     """
@@ -1222,7 +1240,7 @@ def detect_images(paths: Sequence[str | Path], model_dir: str | Path, out_dir: s
                                  anchors, out)
     summary: dict[str, Any] = {"model": str(model_dir), "protocol": exp.protocol, "score_threshold": score_threshold}
     if exp.protocol == "crops":
-        summary["warning"] = CROPS_MODEL_WARNING
+        summary["note"] = CROPS_MODEL_NOTE
     save_json(out / "results.json", {**summary, "results": results})
     return results
 
@@ -1250,15 +1268,16 @@ def _detect_chunk(paths: Sequence[Path], names: Sequence[str], model: Any, exp: 
         entries.append(entry)
         try:
             image = read_image(path)
-            prepared, _, transform = P.prepare_whole(image, None, size=exp.image_size)
+            # Prepared here, so that a film without a breast is its own error entry (tiles just find none).
+            prepared = P.prepare_whole(image, None, size=exp.image_size) if exp.protocol == "whole" else None
         except (ValueError, OSError) as err:  # ImageReadError is a ValueError; so is an empty breast mask
             entry["error"] = f"{type(err).__name__}: {err}"
             continue
-        ready.append((entry, image, prepared, transform))
+        ready.append((entry, image, prepared))
     if not ready:
         return entries
-    entries_ok, images, prepared, transforms = zip(*ready)
-    dets = detect_prepared(model, exp, anchors, prepared, transforms, [im.shape for im in images], len(ready))
+    entries_ok, images, prepared = zip(*ready)
+    dets = detect_films(model, exp, anchors, images, len(ready), prepared=None if prepared[0] is None else prepared)
     for entry, image, det in zip(entries_ok, images, dets):
         write_detections(entry, image, det["boxes"], det["labels"], det["scores"], exp.score_threshold, out)
     return entries

@@ -616,15 +616,6 @@ def _heatmap_examples(out: Path, ensemble: FoldEnsemble, images: pd.DataFrame, p
 # --------------------------------------------------------------------------- detector evaluation
 
 
-def detect_films(model: Any, exp: Any, anchors: Any, films: Sequence[np.ndarray], batch_size: int = 8) -> list[dict]:
-    """Detections on films already at 0.2 mm/px, in their pixels: each prepared as in the detector's whole protocol."""
-    from mammo_tf import detector, patches
-
-    prepared = [patches.prepare_whole(film, None, size=exp.image_size) for film in films]
-    return detector.detect_prepared(model, exp, anchors, [p[0] for p in prepared], [p[2] for p in prepared],
-                                    [f.shape for f in films], batch_size)
-
-
 def random_positions(detections: Sequence[dict], masks: Sequence[np.ndarray], seed: int = 0) -> list[dict]:
     """The same boxes (sizes, labels, scores) with their centres moved to random breast pixels: chance localisation."""
     rng = np.random.default_rng(seed)
@@ -677,7 +668,7 @@ def evaluate_detector_external(model_dir: str | Path, data_root: str | Path, out
         rows.append({"image_id": r.image_id, "patient_id": r.patient_id, "label": r.label, "label_id": int(r.label_id),
                      "n_lesions": int(len(boxes)), "inverted": bool(photometric.is_inverted(raw)),
                      "height_0.2mm": film.shape[0], "width_0.2mm": film.shape[1]})
-    dets = detect_films(model, exp, anchors, films, batch_size=exp.train_config().batch_size)
+    dets = detector.detect_films(model, exp, anchors, films, exp.train_config().batch_size, masks=masks)
     n_lesions = sum(len(g["boxes"]) for g in gts)
 
     # Per image: the best detection score is an image-level abnormality score.
@@ -724,11 +715,12 @@ def evaluate_detector_external(model_dir: str | Path, data_root: str | Path, out
                "n_lesion_free": int((per_image["n_lesions"] == 0).sum()),
                "labels": {str(k): int(v) for k, v in images["label"].value_counts().items()},
                "score_threshold": exp.score_threshold, "detector_protocol": exp.protocol, "image_size": exp.image_size,
-               "preparation": "grey levels fixed when inverted, resampled to 0.2 mm per pixel, then prepared as in the "
-                              "detector's whole protocol (breast box, square, resize); boxes evaluated at 0.2 mm/px",
+               "preparation": "grey levels fixed when inverted, resampled to 0.2 mm per pixel, then "
+                              + ("searched in full-resolution tiles as in mammo_tf.tiled (crops-trained detector)"
+                                 if exp.protocol == "crops" else
+                                 "prepared as in the detector's whole protocol (breast box, square, resize)")
+                              + "; boxes evaluated at 0.2 mm/px",
                "hit": "a detection hits a lesion when its box centre lies inside the lesion's outline box"}
-    if exp.protocol != "whole":
-        setting["warning"] = f"detector trained with the {exp.protocol!r} protocol, applied here to whole films"
     metrics = {"setting": setting, "results_detail": res, "provenance": prov,
                "results": _detector_rows(setting, res, prov)}
     save_json(out / "metrics.json", metrics)
@@ -761,6 +753,7 @@ def _detector_rows(setting: dict, res: dict, prov: dict) -> list[dict]:
               "command": prov["command"], "hardware": f"{hw['cpu']} ({hw['cpu_count']} cores), GPUs: {hw['gpus']}",
               "date": prov["date"]}
     auc = res["image_level"]["auc"]
+    model = Path(setting["model_dir"]).name  # several detectors share the table
     rows = []
     for name, c in res.get("froc", {}).items():
         values = {f"sens@{f:g}FP": c[f"sens_at_{f:g}fp"] for f in (0.25, 0.5, 1.0, 2.0, 4.0)}
@@ -771,9 +764,9 @@ def _detector_rows(setting: dict, res: dict, prov: dict) -> list[dict]:
             note += f"; image AUC: max detection score, {res['image_level']['task']}, patient bootstrap"
         if "random" in name:
             note = "baseline: the detector's own boxes and scores moved to random breast pixels (chance localisation)"
-        rows.append({**common, "row": name, "values": values, "note": note})
+        rows.append({**common, "row": f"{model}: {name}", "values": values, "note": note})
     if not rows:
-        rows.append({**common, "row": "SSD, image level", "values": {"image AUC": auc["auc"], "image AUC 95% CI": format_ci(auc)},
+        rows.append({**common, "row": f"{model}: SSD, image level", "values": {"image AUC": auc["auc"], "image AUC 95% CI": format_ci(auc)},
                      "note": f"no lesion locations in this set: FROC undefined; {res['image_level']['task']}"})
     return rows
 

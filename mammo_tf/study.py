@@ -119,8 +119,11 @@ def step_external(cfg: dict, out: Path) -> dict:
     opts = cfg.get("external", {})
     models = out / "models"
     results = {}
-    for kind, model, data, adapter in (("classifier", opts.get("classifier"), opts.get("rsna"), "folder"),
-                                       ("detector", opts.get("detector"), opts.get("ddsm"), "ddsm")):
+    # `detector` may name several detectors (a crops-trained one searches the films in tiles).
+    detectors = opts.get("detector") or []
+    jobs = [("classifier", opts.get("classifier"), opts.get("rsna"), "folder")]
+    jobs += [("detector", name, opts.get("ddsm"), "ddsm") for name in ([detectors] if isinstance(detectors, str) else detectors)]
+    for kind, model, data, adapter in jobs:
         if not model or not data or not Path(data).is_dir():
             print(f"[mammo-tf] external {kind}: skipped (no model or no data folder {data!r})", flush=True)
             continue
@@ -128,7 +131,7 @@ def step_external(cfg: dict, out: Path) -> dict:
                     else external_eval.evaluate_detector_external)
         run = evaluate(models / model, data, adapter=adapter, out_dir=models / f"external_{adapter}_{model}",
                        max_images=opts.get("max_images"), command="study step external", n_boot=200)
-        results[kind] = run.get("results", [])
+        results[f"{kind} {model}"] = run.get("results", [])
     return results
 
 

@@ -26,14 +26,18 @@ TILED_NOTE = ("whole films, no prior location: every tile touching the breast se
 class TileConfig:
     """Where the tiles go: the detector's input side, every ``stride`` film pixels over the breast."""
 
-    stride: int = 200          # film pixels between tile origins (tiles overlap when below the tile side)
+    stride: int | None = None  # film pixels between tile origins; None: two thirds of the tile side (200 for 300)
     min_breast: float = 0.05   # a tile is searched when at least this share of it is breast
 
     def __post_init__(self) -> None:
-        if self.stride < 1:
+        if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if not 0.0 <= self.min_breast <= 1.0:
             raise ValueError(f"min_breast must be in [0, 1], got {self.min_breast}")
+
+    def stride_for(self, size: int) -> int:
+        """The stride for tiles of side ``size``: overlapping, so that a lesion cut by one tile's edge is whole in the next."""
+        return self.stride if self.stride is not None else max(1, round(2 * size / 3))
 
 
 def _starts(lo: int, hi: int, size: int, stride: int, limit: int) -> np.ndarray:
@@ -90,7 +94,7 @@ def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: 
     from mammo_tf import detector as D
 
     size = int(exp.image_size)
-    origins = tile_origins(mask, size, cfg.stride, cfg.min_breast)
+    origins = tile_origins(mask, size, cfg.stride_for(size), cfg.min_breast)
     tiles = [image[t:t + size, l:l + size] for t, l in origins]
     channels = exp.ssd_config().input_channels
     batches = (D.model_input(tiles[i:i + batch_size], channels) for i in range(0, len(tiles), batch_size))
@@ -159,7 +163,7 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / D.CONFIG_FILE, {"experiment": exp.to_dict(), "tiles": asdict(cfg), "detector": crops_dir.as_posix()})
     row = (f"SSD{crops_exp.image_size} {crops_exp.ssd_config().backbone} trained on crops ({crops_exp.name}), "
-           f"{crops_exp.image_size} px tiles every {cfg.stride} px at full resolution")
+           f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at full resolution")
     return D.evaluate_experiment(exp, out, command=command, samples=samples, annotations=ann, detections=detections,
                                  training_info=info, trained_by=prov.get("trained_by", prov) or None, row_name=row,
                                  figure_label="tiled SSD", protocol_note=TILED_NOTE)

@@ -32,7 +32,7 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     assert len(names) == len(cfg["classifier"]) + len(cfg["detector"])  # no two configs share an output folder
     assert {"data", "classifier", "detector", "cascade", "external", "report"} <= set(cfg["steps"])
     assert cfg["cascade"]["classifier"] in names and cfg["cascade"]["detector"] in names
-    assert cfg["external"]["classifier"] in names and cfg["external"]["detector"] in names
+    assert cfg["external"]["classifier"] in names and set(cfg["external"]["detector"]) <= set(names)
     # The blob reference runs beside detectors of this setting.
     assert set(cfg.get("detector_baselines", [])) <= {detector.load_experiment(ROOT / p).name for p in cfg["detector"]}
     # The tiled search uses crops detectors of this setting.
@@ -67,6 +67,12 @@ def test_every_committed_reference_and_comparison_is_in_the_full_setting():
     listed |= {g["name"] for key in ("ensembles", "selections", "paired_detectors") for g in cfg.get(key, [])}
     committed = {d.name for d in (ROOT / "models").iterdir() if d.name.startswith(("blobs_", "paired_", "replicates_",
                                                                                     "selection_", "tiled_"))}
+    assert committed and committed <= listed, f"not in configs/full.yaml: {sorted(committed - listed)}"
+
+
+def test_every_committed_external_detector_run_is_in_the_full_setting():
+    listed = {f"external_ddsm_{name}" for name in _full()["external"]["detector"]}
+    committed = {d.name for d in (ROOT / "models").glob("external_ddsm_*")}
     assert committed and committed <= listed, f"not in configs/full.yaml: {sorted(committed - listed)}"
 
 

@@ -312,6 +312,8 @@ def test_evaluate_detector_external_end_to_end(tmp_path, shared_data):
     froc = metrics["results_detail"]["froc"]["SSD, any class"]
     assert froc["n_images"] == 8 and froc["n_lesions"] == setting["n_lesions"]
     assert all(0.0 <= froc[f"sens_at_{f:g}fp"] <= 1.0 for f in (0.5, 1, 2))
+    # Several detectors share the table: each row names its model.
+    assert metrics["results"][0]["row"] == f"{model_dir.name}: SSD, any class"
     dets = pd.read_csv(out / "detections.csv")
     assert set(dets["image_id"]) <= set(per_image["image_id"])
     assert len(dets) == per_image["n_detections"].sum()

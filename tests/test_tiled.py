@@ -61,20 +61,30 @@ TINY_CROPS = dict(name="tiny_crops", protocol="crops", image_size=96, ssd={"back
                   folds=2, max_folds=1, max_patients=6, val_fraction=0.3, n_examples=2, seed=0)
 
 
-def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotations):
+def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotations, film_and_broken_png):
     crops_dir = tmp_path / "tiny_crops"
     D.run_experiment(D.DetectorExperiment(**TINY_CROPS), crops_dir, command="pytest")
+    # `mammo-tf detect` with a crops model searches the file's film in full-resolution tiles, as the evaluation does.
+    good, bad = film_and_broken_png
+    found = D.detect_images([good, bad], crops_dir, tmp_path / "detect", score_threshold=0.01)  # the run's own
+    model, exp, anchors = D.load_detector(crops_dir)
+    image = mias.read_pgm(good)
+    tiles = T.detect_film(model, exp, anchors, image, D.P.breast_mask(image), T.TileConfig())[0]
+    np.testing.assert_allclose(np.reshape(found[0]["boxes"], (-1, 4)), tiles["boxes"], atol=0.051)  # rounded to 0.1 px
+    assert "error" in found[1] and "tiles" in json.loads((tmp_path / "detect" / "results.json").read_text())["note"]
     out = tmp_path / T.run_name("tiny_crops")
-    metrics = T.run(crops_dir, out, T.TileConfig(stride=96), command="pytest", annotations=annotations)
+    metrics = T.run(crops_dir, out, command="pytest", annotations=annotations)  # stride 64: 2/3 of a tile
     fold = metrics["folds"][0]
     # The whole-film samples of the same patients: every test film, lesion or normal, is searched.
     assert metrics["experiment"]["protocol"] == "whole" and metrics["protocol_note"] == T.TILED_NOTE
     films = mias.images_table(annotations)
     test_films = set(films.loc[films["patient_id"].isin(fold["test_patients"]), "refnum"])
     assert fold["n_test"] == len(test_films - set(metrics["excluded_films"])) > 0
-    # A 1024 px film's breast spans hundreds of pixels: many 96 px tiles each, fewer than the whole grid.
-    assert 10 < fold["training"]["tiles_per_test_film"] < (1024 // 96 + 1) ** 2
+    # A 1024 px film's breast spans hundreds of pixels: many 96 px tiles each, fewer than the whole film's grid.
+    whole_grid = len(T.tile_origins(np.ones((1024, 1024), bool), 96, 64))
+    assert 10 < fold["training"]["tiles_per_test_film"] < whole_grid == 16 ** 2
     row = next(r for r in metrics["results"] if r["row"].startswith("SSD96 cnn trained on crops"))
+    assert row["row"].endswith("96 px tiles every 64 px at full resolution")
     assert row["table"] == "Detection (mini-MIAS, whole films: no prior location)" and T.TILED_NOTE in row["note"]
     assert (out / "config.json").is_file() and (out / "froc.png").is_file() and (out / D.LESIONS_FILE).is_file()
     # Relabelled from the stored summary, the rows come back the same (NaN cells compared as text).
