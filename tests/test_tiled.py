@@ -91,6 +91,13 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
     assert json.dumps(D.refresh_rows(out)) == json.dumps(metrics["results"])
     with pytest.raises(ConfigError, match="patient-split crops"):
         T.run(out, tmp_path / "again", command="pytest", annotations=annotations)
+    # A fold model that trained on one of the fold's test films is refused.
+    fold_config = crops_dir / "folds" / "fold0" / D.CONFIG_FILE
+    config = json.loads(fold_config.read_text())
+    seen = sorted(test_films - set(metrics["excluded_films"]))[:1]
+    fold_config.write_text(json.dumps({**config, "train_refnums": config["train_refnums"] + seen}))
+    with pytest.raises(ConfigError, match="trained on 1 of the fold's test films"):
+        T.run(crops_dir, tmp_path / "leak", command="pytest", annotations=annotations)
 
 
 def test_the_tiled_search_figure_draws_every_tile_and_the_best_detections():
