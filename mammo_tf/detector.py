@@ -1218,10 +1218,10 @@ def detect_images(paths: Sequence[str | Path], model_dir: str | Path, out_dir: s
                   score_threshold: float = 0.5, batch_size: int = 8) -> list[dict]:
     """Detect lesions on image files (PGM/PNG/JPEG/TIFF/DICOM); per image an overlay PNG and a JSON.
 
-    Each film is searched as :func:`detect_films` says (the breast resized, or full-resolution tiles
-    for a crops-protocol model) and the boxes are given in the file's pixel coordinates. Images
-    go through the model ``batch_size`` at a time (one image is a batch of one). A file that cannot be read or prepared gets an
-    ``error`` entry and the others are still processed. Returns one dict per path, in order
+    Each film is searched as :func:`detect_films` says (the breast resized, or full-resolution
+    tiles for a crops-protocol model) and the boxes are given in the file's pixel coordinates.
+    Images go through the model ``batch_size`` at a time (one image is a batch of one). A file
+    that cannot be read or prepared gets an ``error`` entry and the others are still processed. Returns one dict per path, in order
     (also written to ``out_dir/results.json``).
     """
     if not 0.0 <= score_threshold < 1.0:
@@ -1277,7 +1277,7 @@ def _detect_chunk(paths: Sequence[Path], names: Sequence[str], model: Any, exp: 
     if not ready:
         return entries
     entries_ok, images, prepared = zip(*ready)
-    dets = detect_films(model, exp, anchors, images, len(ready), prepared=None if prepared[0] is None else prepared)
+    dets = detect_films(model, exp, anchors, images, len(ready), prepared=prepared if exp.protocol == "whole" else None)
     for entry, image, det in zip(entries_ok, images, dets):
         write_detections(entry, image, det["boxes"], det["labels"], det["scores"], exp.score_threshold, out)
     return entries

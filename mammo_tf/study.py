@@ -122,7 +122,8 @@ def step_external(cfg: dict, out: Path) -> dict:
     # `detector` may name several detectors (a crops-trained one searches the films in tiles).
     detectors = opts.get("detector") or []
     jobs = [("classifier", opts.get("classifier"), opts.get("rsna"), "folder")]
-    jobs += [("detector", name, opts.get("ddsm"), "ddsm") for name in ([detectors] if isinstance(detectors, str) else detectors)]
+    detectors = [detectors] if isinstance(detectors, str) else detectors
+    jobs += [("detector", name, opts.get("ddsm"), "ddsm") for name in detectors]
     for kind, model, data, adapter in jobs:
         if not model or not data or not Path(data).is_dir():
             print(f"[mammo-tf] external {kind}: skipped (no model or no data folder {data!r})", flush=True)

@@ -2,10 +2,10 @@
 
 The whole-film protocol resizes the breast to the detector's input (1024 px films to 300 px), so
 small lesions shrink to a few pixels. A detector trained on full-resolution crops can instead look
-at every tile of the film that touches the breast, and its tiles' detections are merged by
-per-class NMS in film pixels. No location is given: every tile of every test film is searched, so
-the result sits in the whole-film table beside the resized-film detectors, on the same patient
-folds (the crops run's fold k model scores the whole-film fold k, whose patients it never saw).
+at every tile of the film that holds some breast, and its tiles' detections are merged by
+per-class NMS in film pixels. No location is given: every test film is searched all over, so the
+result sits in the whole-film table beside the resized-film detectors, on the same patient folds
+(the crops run's fold k model scores the whole-film fold k, whose patients it never saw).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-TILED_NOTE = ("whole films, no prior location: every tile touching the breast searched at full resolution, "
-              "normal films included")
+TILED_NOTE = "whole films, no prior location: the breast searched in full-resolution tiles, normal films included"
 
 
 @dataclass(frozen=True)
