@@ -117,6 +117,8 @@ class DetectorExperiment:
     n_normal: int | None = None           # crops protocol: normal crops in all (None: one per normal film)
     naive_split: bool = False
     backbone_from: str | None = None      # cnn backbone: a classifier experiment folder; fold k starts from its fold k
+    init_from: str | None = None          # crops: a crops detector run folder; fold k goes on from its fold k model
+    hard_negative_tiles: int = 0          # with init_from: lesion-free training tiles it scores highest, added as negatives
     select_on: str = "val_loss"           # val_loss | val_mAP
     snapshot_every: int = 0               # val_mAP without early stopping: measure every n epochs, keep the best
     n_examples: int = 6
@@ -150,6 +152,12 @@ class DetectorExperiment:
         if self.max_shift < 0 or (self.max_shift and self.protocol != "crops"):
             raise ConfigError(f"max_shift must be >= 0, and is for the crops protocol only; got {self.max_shift} "
                               f"with protocol {self.protocol!r}")
+        if self.hard_negative_tiles < 0 or (self.hard_negative_tiles and not self.init_from):
+            raise ConfigError(f"hard_negative_tiles ({self.hard_negative_tiles}) must be >= 0, and are mined by the "
+                              "init_from run's models: set init_from")
+        if self.init_from and (self.protocol != "crops" or self.naive_split or self.backbone_from):
+            raise ConfigError("init_from goes on from a crops detector's fold models: it needs protocol: crops, "
+                              "patient folds (no naive_split) and no backbone_from")
         if self.augment_ops not in AUGMENT_OPS:
             raise ConfigError(f"augment_ops must be one of {AUGMENT_OPS}, got {self.augment_ops!r}")
         if self.select_on not in SELECT_ON:
@@ -495,6 +503,7 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
     ssd_cfg, tcfg = exp.ssd_config(), exp.train_config()
     if exp.backbone_from:
         ssd_cfg = dataclasses.replace(ssd_cfg, weights=str(_backbone_weights(exp, fold)))
+    init_model = init_fold_dir(exp, fold) / MODEL_FILE if exp.init_from else None
     previous = keras.mixed_precision.global_policy().name
     precision = training.set_precision(tcfg.mixed_precision)
     try:
@@ -514,8 +523,14 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
         t0 = time.perf_counter()
         # With snapshots and no early stopping, the best measured epoch is still the one kept.
         keep_best = tcfg.early_stopping or bool(exp.snapshot_every)
-        trainer, history = training.fit(lambda: trainer_cls(build_ssd(ssd_cfg)[0], loss), lambda: {}, train_ds, val_ds,
-                                        tcfg, fold_dir, verbose=verbose, keep_best=keep_best, **select)
+        def build() -> Any:
+            ssd = build_ssd(ssd_cfg)[0]
+            if init_model is not None:  # a resumed fit then restores its own backup over these weights
+                ssd.load_weights(init_model)
+            return trainer_cls(ssd, loss)
+
+        trainer, history = training.fit(build, lambda: {}, train_ds, val_ds, tcfg, fold_dir, verbose=verbose,
+                                        keep_best=keep_best, **select)
         seconds = time.perf_counter() - t0
         save_detector(trainer.ssd, exp, anchors, fold_dir, fold=fold.index, precision=precision,
                       train_refnums=sorted(set(fold.train["refnum"])), leaky=fold.leaky)
@@ -580,6 +595,19 @@ def _backbone_weights(exp: DetectorExperiment, fold: Fold) -> Path:
         raise ConfigError(f"backbone_from: the classifier of fold {fold.index} trained on test films {sorted(unseen)[:5]}; "
                           "its folds differ from the detector's")
     return source / MODEL_FILE
+
+
+def init_fold_dir(exp: DetectorExperiment, fold: Fold) -> Path:
+    """The ``init_from`` run's fold model for ``fold``, after checking it never saw the fold's test films and has this SSD."""
+    source = Path(exp.init_from) / "folds" / f"fold{fold.index}"
+    if not (source / MODEL_FILE).is_file() or not (source / CONFIG_FILE).is_file():
+        raise ConfigError(f"init_from: {source} has no trained detector ({MODEL_FILE}, {CONFIG_FILE})")
+    check_unseen(source, fold)
+    theirs = load_json(source / CONFIG_FILE)
+    if theirs["ssd"] != exp.ssd_config().to_dict() or theirs["experiment"]["protocol"] != exp.protocol:
+        raise ConfigError(f"init_from: {source} is another network or protocol than {exp.name}'s; "
+                          "use the same ssd settings and image_size")
+    return source
 
 
 def _training_curves(history: pd.DataFrame, title: str) -> Any:
@@ -990,7 +1018,10 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     if trained and hardware_label({"hardware": trained}) != hardware:  # trained on another machine (a GPU)
         hardware = f"trained on {hardware_label({'hardware': trained})}; evaluated on {hardware}"
     common = {"table": table, "command": prov["command"], "hardware": hardware, "date": prov["date"]}
-    init = f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from else cfg.weights
+    init = (f"init: {Path(exp.backbone_from).name} fold classifier" if exp.backbone_from
+            else f"init: {Path(exp.init_from).name} fold model" if exp.init_from else cfg.weights)
+    if exp.hard_negative_tiles:
+        init += f", {exp.hard_negative_tiles} hard-negative tiles"
     carried = prov.get("trained_by", {}).get("init_weights")
     if carried and carried != cfg.weights:  # trained elsewhere from a copy (detector_arrays)
         init += f" via {Path(carried).name}"
@@ -1009,7 +1040,7 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
         {**common, "row": name, "values": _row_values(summary),
          "note": f"{protocol}; {split}; VOC AP at IoU >= {exp.iou_threshold:g}; FROC: box centre in lesion"},
         {**common, "row": "Oracle boxes, random class", "values": _row_values(base), "note": f"{ORACLE_NOTE}; {split}"},
-        *([{**common, "row": "Random boxes, random class", "values": _row_values(chance), "note": f"{RANDOM_NOTE}; {split}"}]
+        *([{**common, "row": chance_row_name(exp), "values": _row_values(chance), "note": f"{RANDOM_NOTE}; {split}"}]
           if chance else []),
         {**common, "row": "Poster (reference)",
          "values": {"benign AP": POSTER_REFERENCE["benign"], "malignant AP": POSTER_REFERENCE["malignant"],
@@ -1097,6 +1128,11 @@ def lesions_found_summary(lesions: pd.DataFrame) -> dict[str, dict[str, dict]]:
     return out
 
 
+def chance_row_name(exp: DetectorExperiment) -> str:
+    """The chance reference's row label; on whole films its boxes depend on the size films are resized to, so that is named."""
+    return "Random boxes, random class" + (f", drawn on {exp.image_size} px films" if exp.protocol == "whole" else "")
+
+
 def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], prov: dict,
                  figure_label: str = "SSD") -> list[dict]:
     """The model's and the random boxes' lesions found per group, one row each, as 'found/n'."""
@@ -1109,7 +1145,7 @@ def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], pro
     cells = lambda key: {v: f"{c[key]}/{c['n']}" for g in table.values() for v, c in g.items()}  # noqa: E731
     # Named like the detection table's chance row, so that runs on the same test samples share one row.
     return [{**common, "row": f"{exp.name}: {figure_label}", "values": cells("found"), "note": note},
-            {**common, "row": "Random boxes, random class", "values": cells("found_random"), "note": note}]
+            {**common, "row": chance_row_name(exp), "values": cells("found_random"), "note": note}]
 
 
 def refresh_rows(model_dir: str | Path) -> list[dict]:
@@ -1170,6 +1206,10 @@ def train_experiment(exp: DetectorExperiment, out_dir: str | Path, samples: Samp
             _restamp(fold_dir, exp)
             continue
         save_json(stamp, exp.to_dict())
+        if exp.hard_negative_tiles:
+            from mammo_tf.hard_negatives import with_hard_negatives
+
+            fold = with_hard_negatives(exp, samples, fold, fold_dir)
         info[fold.index] = train_fold(exp, samples, fold, fold_dir, verbose=verbose)
         save_json(fold_dir / "training.json", info[fold.index])
     # The deployable model: fold 0's (trained on that fold's training patients only).

@@ -87,9 +87,9 @@ def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: int, nms
     return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
 
 
-def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: np.ndarray, cfg: TileConfig,
-                batch_size: int = 16) -> tuple[dict, np.ndarray]:
-    """(detections in film pixels, ``[top, left]`` of each tile searched) of a crops-trained detector over a film's breast."""
+def tile_predictions(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: np.ndarray, cfg: TileConfig,
+                     batch_size: int = 16) -> tuple[list[dict], np.ndarray]:
+    """(each tile's detections, boxes normalised to the tile; ``[top, left]`` of each tile) over a film's breast."""
     from mammo_tf import detector as D
 
     size = int(exp.image_size)
@@ -97,8 +97,14 @@ def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: 
     tiles = [image[t:t + size, l:l + size] for t, l in origins]
     channels = exp.ssd_config().input_channels
     batches = (D.model_input(tiles[i:i + batch_size], channels) for i in range(0, len(tiles), batch_size))
-    dets = D.predict_batches(model, batches, anchor_cfg, exp)
-    return merge_tiles(dets, origins, size, exp.nms_iou_threshold, exp.max_total), origins
+    return D.predict_batches(model, batches, anchor_cfg, exp), origins
+
+
+def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: np.ndarray, cfg: TileConfig,
+                batch_size: int = 16) -> tuple[dict, np.ndarray]:
+    """(detections in film pixels, ``[top, left]`` of each tile searched) of a crops-trained detector over a film's breast."""
+    dets, origins = tile_predictions(model, exp, anchor_cfg, image, mask, cfg, batch_size)
+    return merge_tiles(dets, origins, int(exp.image_size), exp.nms_iou_threshold, exp.max_total), origins
 
 
 def tiled_detections(crops_dir: str | Path, samples: Any, cfg: TileConfig,
@@ -154,7 +160,8 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
         raise ConfigError(f"{crops_dir}: tiles need a detector trained on patient-split crops "
                           f"(protocol {crops_exp.protocol!r}, naive_split {crops_exp.naive_split})")
     # The same patient folds and whole-film test samples as every whole-film detector.
-    exp = dataclasses.replace(crops_exp, name=run_name(crops_exp.name), protocol="whole", max_shift=0)
+    exp = dataclasses.replace(crops_exp, name=run_name(crops_exp.name), protocol="whole", max_shift=0,
+                              init_from=None, hard_negative_tiles=0)  # how the crops model trained: crops_dir's config
     ann = annotations if annotations is not None else mias.load_annotations(exp.data)
     samples = D.make_samples(exp, ann)
     films = P.FilmCache(load_image=P.film_loader(exp.data))

@@ -138,7 +138,7 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
     rows = {r["row"]: r for r in on_disk["results"] if r["table"] != D.LESIONS_TABLES["whole"]}
     assert set(rows) == {"SSD96 cnn (random, 1 epochs, flips/rot90)", "Oracle boxes, random class",
-                         "Random boxes, random class", "Poster (reference)"}
+                         "Random boxes, random class, drawn on 96 px films", "Poster (reference)"}
     assert rows["Poster (reference)"]["values"] == {"benign AP": 0.80, "malignant AP": 0.806, "mAP": 0.803}
     assert "not reproduced" in rows["Poster (reference)"]["note"]
     for r in on_disk["results"]:
@@ -151,7 +151,7 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     assert math.isnan(model.pop("train mAP, crops cut elsewhere"))
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in model.values())
     assert rows["Oracle boxes, random class"]["values"]["sens@1FP"] == 1.0  # exact boxes find every lesion
-    chance = rows["Random boxes, random class"]["values"]
+    chance = rows["Random boxes, random class, drawn on 96 px films"]["values"]
     assert all(math.isfinite(chance[k]) and 0 <= chance[k] <= 1 for k in ("mAP", "sens@1FP"))
     assert on_disk["folds"][0]["random_boxes_random_class"]["n_images"] == on_disk["folds"][0]["n_test"]
     fold = on_disk["folds"][0]
@@ -167,7 +167,7 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     assert set(per_lesion["refnum"]) <= test_refnums and int(per_lesion["found"].sum()) == sum(
         c["found"] for c in found["severity"].values())
     lesion_rows = [r for r in on_disk["results"] if r["table"] == D.LESIONS_TABLES["whole"]]
-    assert [r["row"] for r in lesion_rows] == ["tiny: SSD", "Random boxes, random class"]
+    assert [r["row"] for r in lesion_rows] == ["tiny: SSD", "Random boxes, random class, drawn on 96 px films"]
     assert fold["n_test"] > 0 and fold["training"]["epochs"] == 1 and fold["training"]["train_images_per_s"] > 0
     assert not set(fold["train_patients"]) & set(fold["test_patients"])
     for name in ("model.keras", "config.json", "pr_curves.png", "ap_bars.png", "froc.png", "training_curves.png",

@@ -110,3 +110,66 @@ def test_the_tiled_search_figure_draws_every_tile_and_the_best_detections():
                             np.array([2]), dets, top=2)
     # One rectangle per tile, per lesion and per detection kept.
     assert len(fig.axes[0].patches) == len(origins) + 1 + 2 and "6 tiles" in fig.axes[0].get_title()
+
+
+# --------------------------------------------------------------------------- hard-negative tiles
+
+
+def test_a_tile_is_lesion_free_only_with_no_box_within_the_margin():
+    from mammo_tf.hard_negatives import lesion_free
+
+    origins = np.array([[0, 0], [0, 300], [400, 400]])
+    box = np.array([[320, 100, 360, 140]])  # 20 px below the first tile, far from the others
+    assert lesion_free(origins, 300, box, margin=0).tolist() == [True, True, True]
+    assert lesion_free(origins, 300, box, margin=30).tolist() == [False, True, True]
+    assert lesion_free(origins, 300, np.array([[450, 450, 460, 460]]), margin=0).tolist() == [True, True, False]
+    assert lesion_free(origins, 300, np.zeros((0, 4)), margin=150).all()
+
+
+def test_hard_negative_settings_are_refused_without_a_crops_model_to_go_on_from():
+    with pytest.raises(ConfigError, match="set init_from"):
+        D.DetectorExperiment(**{**TINY_CROPS, "hard_negative_tiles": 5})
+    with pytest.raises(ConfigError, match="protocol: crops"):
+        D.DetectorExperiment(**{**TINY_CROPS, "protocol": "whole", "init_from": "somewhere"})
+    with pytest.raises(ConfigError, match="protocol: crops"):
+        D.DetectorExperiment(**{**TINY_CROPS, "naive_split": True, "init_from": "somewhere"})
+
+
+def test_training_goes_on_from_the_fold_model_with_mined_tiles_added(tmp_path, annotations):
+    from mammo_tf.hard_negatives import KIND, lesion_free
+
+    crops_dir = tmp_path / "tiny_crops"
+    D.train_experiment(D.DetectorExperiment(**TINY_CROPS), crops_dir, annotations=annotations)
+    # A learning rate of ~0: the fold model keeps the weights it went on from.
+    exp = D.DetectorExperiment(**{**TINY_CROPS, "name": "tiny_hn", "init_from": str(crops_dir), "hard_negative_tiles": 3,
+                                  "max_shift": 20, "train": {**TINY_CROPS["train"], "learning_rate": 1e-12}})
+    out = tmp_path / "tiny_hn"
+    info = D.train_experiment(exp, out, annotations=annotations)
+    samples = D.make_samples(exp, annotations)
+    fold = D.make_folds(exp, samples)[0]
+    import pandas as pd
+
+    tiles = pd.read_csv(out / "folds" / "fold0" / "hard_negatives.csv")
+    assert 0 < len(tiles) <= 3 and tiles["score"].is_monotonic_decreasing
+    assert set(tiles["refnum"]) <= set(fold.train["refnum"])           # training patients' films only
+    for t in tiles.itertuples():
+        boxes = mias.lesion_boxes(annotations, t.refnum)[0]
+        assert lesion_free(np.array([[t.top, t.left]]), 96, boxes, margin=20).all()
+    assert info[0]["n_train"] == len(fold.train) + len(tiles)
+    from mammo_tf.hard_negatives import with_hard_negatives
+
+    grown = with_hard_negatives(exp, samples, fold, out / "folds" / "fold0")
+    assert (grown.train["kind"] == KIND).sum() == len(tiles) and grown.test.equals(fold.test)
+    before, after = D.load_detector(crops_dir / "folds" / "fold0")[0], D.load_detector(out / "folds" / "fold0")[0]
+    for a, b in zip(before.get_weights(), after.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Another network cannot go on from these fold models.
+    other = D.DetectorExperiment(**{**TINY_CROPS, "init_from": str(crops_dir), "ssd": {"backbone": "cnn", "s_max": 0.5}})
+    with pytest.raises(ConfigError, match="another network"):
+        D.train_experiment(other, tmp_path / "other", annotations=annotations)
+    # Nor can a run go on from a fold model that trained on one of the fold's test films.
+    fold_config = crops_dir / "folds" / "fold0" / D.CONFIG_FILE
+    config = json.loads(fold_config.read_text())
+    fold_config.write_text(json.dumps({**config, "train_refnums": config["train_refnums"] + [fold.test["refnum"].iloc[0]]}))
+    with pytest.raises(ConfigError, match="trained on 1 of the fold's test films"):
+        D.train_experiment(exp, tmp_path / "leak", annotations=annotations)
