@@ -10,6 +10,7 @@ films are searched, so the test patients stay unseen.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,6 @@ def fold_tiles(exp: Any, samples: Any, fold: Any, fold_dir: str | Path) -> pd.Da
 
 def with_hard_negatives(exp: Any, samples: Any, fold: Any, fold_dir: str | Path) -> Any:
     """The fold with its mined tiles added to the training records (validation and test untouched)."""
-    import dataclasses
-
     tiles = fold_tiles(exp, samples, fold, fold_dir)
     if not set(tiles["patient_id"]) <= set(fold.train["patient_id"]):
         raise ValueError(f"{fold_dir}: hard_negatives.csv holds films of patients outside fold {fold.index}'s "

@@ -136,7 +136,9 @@ def test_hard_negative_settings_are_refused_without_a_crops_model_to_go_on_from(
 
 
 def test_training_goes_on_from_the_fold_model_with_mined_tiles_added(tmp_path, annotations):
-    from mammo_tf.hard_negatives import KIND, lesion_free
+    import pandas as pd
+
+    from mammo_tf.hard_negatives import KIND, lesion_free, with_hard_negatives
 
     crops_dir = tmp_path / "tiny_crops"
     D.train_experiment(D.DetectorExperiment(**TINY_CROPS), crops_dir, annotations=annotations)
@@ -147,8 +149,6 @@ def test_training_goes_on_from_the_fold_model_with_mined_tiles_added(tmp_path, a
     info = D.train_experiment(exp, out, annotations=annotations)
     samples = D.make_samples(exp, annotations)
     fold = D.make_folds(exp, samples)[0]
-    import pandas as pd
-
     tiles = pd.read_csv(out / "folds" / "fold0" / "hard_negatives.csv")
     assert 0 < len(tiles) <= 3 and tiles["score"].is_monotonic_decreasing
     assert set(tiles["refnum"]) <= set(fold.train["refnum"])           # training patients' films only
@@ -156,8 +156,6 @@ def test_training_goes_on_from_the_fold_model_with_mined_tiles_added(tmp_path, a
         boxes = mias.lesion_boxes(annotations, t.refnum)[0]
         assert lesion_free(np.array([[t.top, t.left]]), 96, boxes, margin=20).all()
     assert info[0]["n_train"] == len(fold.train) + len(tiles)
-    from mammo_tf.hard_negatives import with_hard_negatives
-
     grown = with_hard_negatives(exp, samples, fold, out / "folds" / "fold0")
     assert (grown.train["kind"] == KIND).sum() == len(tiles) and grown.test.equals(fold.test)
     before, after = D.load_detector(crops_dir / "folds" / "fold0")[0], D.load_detector(out / "folds" / "fold0")[0]
