@@ -747,7 +747,7 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
                       nms_iou_threshold: float = 0.45) -> tuple[dict, dict, dict]:
     """(flat scalar metrics, evaluate_detections result, froc result) of one set of images."""
     from mammo_tf.metrics.classification import safe_roc_auc
-    from mammo_tf.metrics.detection import evaluate_detections, froc, sensitivity_at_fp
+    from mammo_tf.metrics.detection import evaluate_detections, froc, hit_localisation, sensitivity_at_fp
 
     ev = evaluate_detections(ground_truths, detections, iou_threshold=iou_threshold)
     fr = froc(ground_truths, detections)
@@ -776,9 +776,13 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
     flat["lesion_ap"] = lesion_ap(lesion_gts, lesion_dets, iou_threshold)
     for t in LESION_IOUS:
         flat[f"lesion_ap_iou{t:g}"] = lesion_ap(lesion_gts, lesion_dets, t)
+    # The lesions found at 1 FP per image by their centre: how well their boxes fit (why AP can lag the FROC).
+    loc = hit_localisation(fr, 1.0)
+    flat.update({f"hit_{k}": loc[k] for k in HIT_KEYS})
     return flat, ev, fr
 
 
+HIT_KEYS = ("iou_median", "iou50_share", "size_log2_median", "size_corr")
 ROW_VALUES = {"benign AP": "benign_ap", "malignant AP": "malignant_ap", "mAP": "map", "mAP (VOC07 11-pt)": "map_11",
               "sens@1FP": "sens_at_1fp", "lesion AP (class ignored)": "lesion_ap",
               "lesion AP, IoU >= 0.1": "lesion_ap_iou0.1", "image AUC (best score)": "image_auc",
@@ -871,6 +875,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     """
     from mammo_tf.baselines import oracle_boxes_random_class, random_boxes_random_class
     from mammo_tf.metrics.classification import summarise_folds
+    from mammo_tf.metrics.detection import hit_localisation
     from mammo_tf.plots import detection as dplots
 
     out = Path(out_dir)
@@ -880,6 +885,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     detections = detections or saved_model_detections(exp, samples, out)
     fold_rows, model_metrics, base_metrics, random_metrics = [], [], [], []
     pooled_gt, pooled_det, pooled_random, examples, lesions = [], [], [], [], []
+    hits: dict[str, list[dict]] = {"test": [], "train": []}
     for fold in folds:
         fold_dir = out / "folds" / f"fold{fold.index}"
         found = detections(fold)
@@ -895,8 +901,12 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         chance, _, chance_froc = detection_metrics(gts, guesses, exp.iou_threshold, exp.nms_iou_threshold)
         lesions.append(_lesions_found(exp, fold.test, samples.annotations, fr, chance_froc, fold.index))
         train_dets = _to_eval_pixels(exp, samples, fold.train, found["train"])
-        flat["train_mAP"] = detection_metrics(_ground_truth(exp, fold.train, samples.annotations), train_dets,
-                                              exp.iou_threshold, exp.nms_iou_threshold)[0]["map"]
+        train_gts = _ground_truth(exp, fold.train, samples.annotations)
+        train_flat, _, train_fr = detection_metrics(train_gts, train_dets, exp.iou_threshold, exp.nms_iou_threshold)
+        flat["train_mAP"] = train_flat["map"]
+        flat.update({f"train_hit_{k}": train_flat[f"hit_{k}"] for k in HIT_KEYS})
+        hits["test"].append(hit_localisation(fr, 1.0))
+        hits["train"].append(hit_localisation(train_fr, 1.0))
         if "train_recut" in found:
             recut = recut_train_records(exp, samples, fold)
             flat["train_recut_mAP"] = detection_metrics(
@@ -958,6 +968,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         "summary": {"model": summary, "oracle_boxes_random_class": base_summary,
                     "random_boxes_random_class": random_summary},
         "pooled": pooled,
+        "hit_localisation": {**{split: pooled_localisation(h) for split, h in hits.items()}, "note": HIT_NOTE},
         "results": _result_rows(exp, summary, base_summary, len(folds), prov, random_summary, row_name,
                                 protocol_note),
         "provenance": prov,
@@ -969,12 +980,28 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         # Per lesion, keyed by fold, crop and the lesion's place in its film, so that two detectors on the same test
         # samples can be compared lesion by lesion (`paired_detection`); no annotation is copied.
         with atomic_path(out / LESIONS_FILE) as tmp:
-            every[list(LESION_KEYS) + ["found", "found_random"]].to_csv(tmp, index=False)
+            every[list(LESION_KEYS) + ["found", "found_random", "hit_iou", "hit_size_log2"]].to_csv(
+                tmp, index=False, float_format="%.4g")
         metrics["lesions_found"] = lesions_found_summary(every)
         metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], prov, figure_label)
+        metrics["results"] += _hit_rows(exp, metrics["hit_localisation"], prov, figure_label)
         save_figure(dplots.plot_lesions_found(metrics["lesions_found"], exp.name), out / "lesions_found.png")
     save_json(out / "metrics.json", metrics)
     return metrics
+
+
+HIT_NOTE = ("lesions found at 1 false positive per image (box centre in the lesion, each fold at its own threshold), "
+            "pooled over the folds: the IoU of each one's best hitting box with its own, and log2 of their sizes' "
+            "ratio (box over lesion, sides of equal-area squares); size_corr: Pearson r of box and lesion log sizes")
+
+
+def pooled_localisation(per_fold: Sequence[dict]) -> dict[str, float]:
+    """`localisation_summary` of the lesions of every fold's `hit_localisation`, pooled."""
+    from mammo_tf.metrics.detection import localisation_summary
+
+    keys = ("iou", "size_log2", "lesion_log2_side")
+    return localisation_summary(*(np.concatenate([np.asarray(h[k]) for h in per_fold]) if per_fold else np.zeros(0)
+                                  for k in keys))
 
 
 def _augmentation_label(exp: DetectorExperiment) -> str:
@@ -1085,14 +1112,15 @@ def _test_lesions(exp: DetectorExperiment, records: pd.DataFrame, annotations: p
 def _lesions_found(exp: DetectorExperiment, records: pd.DataFrame, annotations: pd.DataFrame, model_froc: dict,
                    chance_froc: dict, fold: int) -> pd.DataFrame:
     """Each test lesion (in `_ground_truth`'s order), found or not at 1 FP per image by model and chance."""
-    from mammo_tf.metrics.detection import found_at_fp
+    from mammo_tf.metrics.detection import found_at_fp, hit_localisation
 
     rows = _test_lesions(exp, records, annotations)
     if len(rows) != len(model_froc["lesion_scores"]):
         raise RuntimeError(f"fold {fold}: {len(rows)} located lesions but {len(model_froc['lesion_scores'])} scored")
+    loc = hit_localisation(model_froc, 1.0)
     return rows[["refnum", "crop_top", "crop_left", "abnormality", "tissue", "severity", "radius"]].assign(
         lesion=lesion_numbers(annotations).loc[rows.index].to_numpy(), fold=fold, found=found_at_fp(model_froc, 1.0),
-        found_random=found_at_fp(chance_froc, 1.0))
+        found_random=found_at_fp(chance_froc, 1.0), hit_iou=loc["iou"], hit_size_log2=loc["size_log2"])
 
 
 def lesion_numbers(annotations: pd.DataFrame) -> pd.Series:
@@ -1148,6 +1176,22 @@ def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], pro
             {**common, "row": chance_row_name(exp), "values": cells("found_random"), "note": note}]
 
 
+HIT_TABLES = {
+    "whole": "Detection, whole films: how the lesions found at 1 false positive per image are boxed",
+    "crops": "Detection, crops around lesions (location given): how the lesions found at 1 false positive per crop "
+             "are boxed"}
+
+
+def _hit_rows(exp: DetectorExperiment, loc: dict, prov: dict, figure_label: str = "SSD") -> list[dict]:
+    """One row: the found test lesions' box fit (`pooled_localisation`), and the size correlation on training samples."""
+    test, train = loc["test"], loc["train"]
+    values = {"lesions found": test["n_found"], "median IoU": test["iou_median"], "IoU >= 0.5": test["iou50_share"],
+              "median log2 size ratio": test["size_log2_median"], "size r": test["size_corr"],
+              "size r, training samples": train["size_corr"], "IoU >= 0.5, training samples": train["iou50_share"]}
+    return [{"table": HIT_TABLES[exp.protocol], "command": prov["command"], "hardware": hardware_label(prov),
+             "date": prov["date"], "row": f"{exp.name}: {figure_label}", "values": values, "note": loc["note"]}]
+
+
 def refresh_rows(model_dir: str | Path) -> list[dict]:
     """Rebuild the report rows of an evaluated detector from its stored summary (labels change, numbers cannot)."""
     path = Path(model_dir) / "metrics.json"
@@ -1160,6 +1204,9 @@ def refresh_rows(model_dir: str | Path) -> list[dict]:
     if "lesions_found" in metrics:
         metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], metrics["provenance"],
                                            metrics.get("figure_label", "SSD"))
+    if "hit_localisation" in metrics and "lesions_found" in metrics:
+        metrics["results"] += _hit_rows(exp, metrics["hit_localisation"], metrics["provenance"],
+                                        metrics.get("figure_label", "SSD"))
     save_json(path, metrics)
     return metrics["results"]
 

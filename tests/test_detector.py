@@ -136,7 +136,8 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     out, metrics = trained
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
-    rows = {r["row"]: r for r in on_disk["results"] if r["table"] != D.LESIONS_TABLES["whole"]}
+    skip = (D.LESIONS_TABLES["whole"], D.HIT_TABLES["whole"])
+    rows = {r["row"]: r for r in on_disk["results"] if r["table"] not in skip}
     assert set(rows) == {"SSD96 cnn (random, 1 epochs, flips/rot90)", "Oracle boxes, random class",
                          "Random boxes, random class, drawn on 96 px films", "Poster (reference)"}
     assert rows["Poster (reference)"]["values"] == {"benign AP": 0.80, "malignant AP": 0.806, "mAP": 0.803}
@@ -163,9 +164,20 @@ def test_end_to_end_training_writes_metrics(trained, annotations):
     assert all(sum(c["n"] for c in cells.values()) == n_located for cells in found.values())
     assert sum(c["found"] for c in found["severity"].values()) == round(model["sens@1FP"] * n_located)
     per_lesion = pd.read_csv(out / D.LESIONS_FILE)   # the same outcomes, lesion by lesion, keyed for pairing
-    assert list(per_lesion.columns) == [*D.LESION_KEYS, "found", "found_random"] and len(per_lesion) == n_located
+    assert list(per_lesion.columns) == [*D.LESION_KEYS, "found", "found_random", "hit_iou", "hit_size_log2"]
+    assert len(per_lesion) == n_located
     assert set(per_lesion["refnum"]) <= test_refnums and int(per_lesion["found"].sum()) == sum(
         c["found"] for c in found["severity"].values())
+    # A found lesion has the IoU and size of its best hitting box; a missed one has neither.
+    assert per_lesion["hit_iou"].notna().equals(per_lesion["found"]) and per_lesion["hit_size_log2"].notna().equals(
+        per_lesion["found"])
+    assert per_lesion["hit_iou"].dropna().between(0, 1).all()
+    loc = on_disk["hit_localisation"]
+    assert loc["test"]["n_found"] == int(per_lesion["found"].sum()) and loc["train"]["n_found"] >= 0 and loc["note"]
+    if loc["test"]["n_found"]:
+        assert loc["test"]["iou_median"] == pytest.approx(per_lesion["hit_iou"].median(), abs=1e-3)
+    hit_rows = [r for r in on_disk["results"] if r["table"] == D.HIT_TABLES["whole"]]
+    assert [r["row"] for r in hit_rows] == ["tiny: SSD"] and hit_rows[0]["values"]["lesions found"] == loc["test"]["n_found"]
     lesion_rows = [r for r in on_disk["results"] if r["table"] == D.LESIONS_TABLES["whole"]]
     assert [r["row"] for r in lesion_rows] == ["tiny: SSD", "Random boxes, random class, drawn on 96 px films"]
     assert fold["n_test"] > 0 and fold["training"]["epochs"] == 1 and fold["training"]["train_images_per_s"] > 0

@@ -457,3 +457,30 @@ def test_detection_plots_render(tmp_path):
         assert _is_png(path), name
     with pytest.raises(ValueError, match="reference has names"):
         plots.plot_ap_bars(r, reference={"calcification": 0.5})
+
+
+def test_hit_localisation_hand_worked():
+    from mammo_tf.metrics.detection import hit_localisation
+
+    f = froc(*_froc_case())
+    # L1's best hit is INSIDE_L1 (.9, not BIG_ON_L1 at .5), L2's is INSIDE_L2 (.6).
+    np.testing.assert_allclose(f["lesion_hit_boxes"], [INSIDE_L1, INSIDE_L2])
+    np.testing.assert_allclose(f["lesion_boxes"], [L1, L2])
+    loc = hit_localisation(f, 2 / 3)
+    np.testing.assert_allclose(loc["iou"], [8100 / 11900, 0.81])
+    np.testing.assert_allclose(loc["size_log2"], [0.0, np.log2(90 / 100)])
+    assert loc["n_found"] == 2 and loc["iou50_share"] == 1.0
+    assert loc["iou_median"] == pytest.approx((8100 / 11900 + 0.81) / 2)
+    assert math.isnan(loc["size_corr"])  # two lesions of one size: no correlation to speak of
+    # At 0 FP per image only L1 is found: L2's entries are NaN.
+    early = hit_localisation(f, 0.0)
+    assert early["n_found"] == 1 and math.isnan(early["iou"][1]) and math.isnan(early["size_log2_sd"])
+    # Boxes that grow with the lesions correlate fully, however far off their size.
+    sizes = [10.0, 20.0, 40.0]
+    gts = [gt([[0, 0, s, s]], [1]) for s in sizes]
+    dets = [det([[0, 0, 1.5 * s, 1.5 * s]], [1], [0.9]) for s in sizes]
+    grow = hit_localisation(froc(gts, dets), 1.0)
+    assert grow["size_corr"] == pytest.approx(1.0)
+    assert grow["size_log2_median"] == pytest.approx(np.log2(1.5)) and grow["size_log2_sd"] == pytest.approx(0.0)
+    none = hit_localisation(froc([gt([L1], [1])], [det([], [], [])]), 1.0)
+    assert none["n_found"] == 0 and np.isnan(none["iou"]).all() and math.isnan(none["iou_median"])

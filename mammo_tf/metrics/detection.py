@@ -346,6 +346,8 @@ def froc(
         raise ValueError("froc needs at least one image")
 
     lesion_scores: list[np.ndarray] = []
+    lesion_boxes: list[np.ndarray] = []
+    hit_boxes: list[np.ndarray] = []
     fp_scores: list[np.ndarray] = []
     all_scores: list[np.ndarray] = []
     for i, (gt, det) in enumerate(zip(ground_truths, detections)):
@@ -356,6 +358,13 @@ def froc(
         hit = _hits(gb, db, criterion, iou_threshold)
         # Each lesion's best score among the detections that hit it (-inf: never found).
         lesion_scores.append(np.where(hit, ds[:, None], -np.inf).max(axis=0) if len(db) else np.full(len(gb), -np.inf))
+        # The box of that best hit (NaN: never found), to tell a lesion found in the right place from one boxed well.
+        box = np.full((len(gb), 4), np.nan)
+        if len(db):
+            found = hit.any(axis=0)
+            box[found] = db[np.where(hit, ds[:, None], -np.inf).argmax(axis=0)[found]]
+        hit_boxes.append(box)
+        lesion_boxes.append(gb.reshape(-1, 4))
         fp_scores.append(ds[~hit.any(axis=1)] if len(gb) else ds)
         all_scores.append(ds)
 
@@ -381,6 +390,8 @@ def froc(
         "grid_fps": grid,
         # Each lesion's best hitting score, in the order the lesions were given (-inf: never hit).
         "lesion_scores": per_lesion,
+        "lesion_boxes": np.concatenate(lesion_boxes) if lesion_boxes else np.zeros((0, 4)),
+        "lesion_hit_boxes": np.concatenate(hit_boxes) if hit_boxes else np.zeros((0, 4)),
     }
     result["grid_sensitivity"] = np.array([sensitivity_at_fp(result, f) for f in grid])
     result["mean_sensitivity"] = float(np.mean(result["grid_sensitivity"])) if len(grid) else float("nan")
@@ -407,3 +418,49 @@ def found_at_fp(froc_result: Mapping[str, Any], fp: float = 1.0) -> np.ndarray:
     # The same operating point as `sensitivity_at_fp`: the lowest threshold still within the budget.
     idx = int(np.searchsorted(fps, fp, side="right")) - 1
     return scores >= froc_result["thresholds"][idx] if idx >= 0 else np.zeros(len(scores), bool)
+
+
+
+def _side(boxes: np.ndarray) -> np.ndarray:
+    """The side of the square with each box's area."""
+    return np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+
+
+def hit_localisation(froc_result: Mapping[str, Any], fp: float = 1.0) -> dict[str, Any]:
+    """How well the lesions found at ``fp`` false positives per image are boxed, per lesion and summed up.
+
+    Per lesion (in the order given to `froc`; NaN where not found): ``iou``, of its best hitting
+    box with its own; ``size_log2``, log2 of their sizes' ratio (the side of an equal-area square,
+    box over lesion); ``lesion_log2_side``. A detector can find every lesion by its centre and
+    still score no AP: these say whether the size or the place is off. Summed up as
+    :func:`localisation_summary`.
+    """
+    found = found_at_fp(froc_result, fp)
+    gt_boxes = np.asarray(froc_result["lesion_boxes"], np.float64).reshape(-1, 4)
+    boxes = np.asarray(froc_result["lesion_hit_boxes"], np.float64).reshape(-1, 4)
+    iou, size_log2 = np.full(len(found), np.nan), np.full(len(found), np.nan)
+    if found.any():
+        iou[found] = np.diag(iou_matrix(boxes[found], gt_boxes[found]))
+        size_log2[found] = np.log2(_side(boxes[found]) / _side(gt_boxes[found]))
+    per_lesion = {"iou": iou, "size_log2": size_log2, "lesion_log2_side": np.log2(_side(gt_boxes))}
+    return {**per_lesion, **localisation_summary(**per_lesion)}
+
+
+def localisation_summary(iou: ArrayLike, size_log2: ArrayLike, lesion_log2_side: ArrayLike) -> dict[str, float]:
+    """Over the found lesions (finite ``iou``): how many, the median IoU, the share with IoU >= 0.5 (what
+    VOC AP needs), the median and spread of the size ratio, and the Pearson correlation of box and
+    lesion log sizes (does the box grow with the lesion?)."""
+    iou, size_log2, log_gt = (np.asarray(a, np.float64).reshape(-1) for a in (iou, size_log2, lesion_log2_side))
+    found = np.isfinite(iou)
+    n = int(found.sum())
+    log_gt, log_box = log_gt[found], log_gt[found] + size_log2[found]
+    varied = n >= 3 and np.ptp(log_gt) > 0 and np.ptp(log_box) > 0
+    nan = float("nan")
+    return {
+        "n_found": n,
+        "iou_median": float(np.median(iou[found])) if n else nan,
+        "iou50_share": float(np.mean(iou[found] >= 0.5)) if n else nan,
+        "size_log2_median": float(np.median(size_log2[found])) if n else nan,
+        "size_log2_sd": float(np.std(size_log2[found], ddof=1)) if n >= 2 else nan,
+        "size_corr": float(np.corrcoef(log_gt, log_box)[0, 1]) if varied else nan,
+    }
