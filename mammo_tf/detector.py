@@ -992,7 +992,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
 
 HIT_NOTE = ("lesions found at 1 false positive per image (box centre in the lesion, each fold at its own threshold), "
             "pooled over the folds: the IoU of each one's best hitting box with its own, and log2 of their sizes' "
-            "ratio (box over lesion, sides of equal-area squares); size_corr: Pearson r of box and lesion log sizes")
+            "ratio (box over lesion, sides of equal-area squares); size r: Pearson r of box and lesion log sizes")
 
 
 def pooled_localisation(per_fold: Sequence[dict]) -> dict[str, float]:
@@ -1189,7 +1189,7 @@ def _hit_rows(exp: DetectorExperiment, loc: dict, prov: dict, figure_label: str 
               "median log2 size ratio": test["size_log2_median"], "size r": test["size_corr"],
               "size r, training samples": train["size_corr"], "IoU >= 0.5, training samples": train["iou50_share"]}
     return [{"table": HIT_TABLES[exp.protocol], "command": prov["command"], "hardware": hardware_label(prov),
-             "date": prov["date"], "row": f"{exp.name}: {figure_label}", "values": values, "note": loc["note"]}]
+             "date": prov["date"], "row": f"{exp.name}: {figure_label}", "values": values, "note": HIT_NOTE}]
 
 
 def refresh_rows(model_dir: str | Path) -> list[dict]:
@@ -1205,6 +1205,7 @@ def refresh_rows(model_dir: str | Path) -> list[dict]:
         metrics["results"] += _lesion_rows(exp, metrics["lesions_found"], metrics["provenance"],
                                            metrics.get("figure_label", "SSD"))
     if "hit_localisation" in metrics and "lesions_found" in metrics:
+        metrics["hit_localisation"]["note"] = HIT_NOTE
         metrics["results"] += _hit_rows(exp, metrics["hit_localisation"], metrics["provenance"],
                                         metrics.get("figure_label", "SSD"))
     save_json(path, metrics)
