@@ -899,13 +899,14 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                                             seed=exp.seed + fold.index)
         guesses = _to_eval_pixels(exp, samples, fold.test, guesses)
         chance, _, chance_froc = detection_metrics(gts, guesses, exp.iou_threshold, exp.nms_iou_threshold)
-        lesions.append(_lesions_found(exp, fold.test, samples.annotations, fr, chance_froc, fold.index))
+        hits["test"].append(hit_localisation(fr, 1.0))
+        lesions.append(_lesions_found(exp, fold.test, samples.annotations, fr, chance_froc, fold.index,
+                                      hits["test"][-1]))
         train_dets = _to_eval_pixels(exp, samples, fold.train, found["train"])
         train_gts = _ground_truth(exp, fold.train, samples.annotations)
         train_flat, _, train_fr = detection_metrics(train_gts, train_dets, exp.iou_threshold, exp.nms_iou_threshold)
         flat["train_mAP"] = train_flat["map"]
         flat.update({f"train_hit_{k}": train_flat[f"hit_{k}"] for k in HIT_KEYS})
-        hits["test"].append(hit_localisation(fr, 1.0))
         hits["train"].append(hit_localisation(train_fr, 1.0))
         if "train_recut" in found:
             recut = recut_train_records(exp, samples, fold)
@@ -1110,14 +1111,14 @@ def _test_lesions(exp: DetectorExperiment, records: pd.DataFrame, annotations: p
 
 
 def _lesions_found(exp: DetectorExperiment, records: pd.DataFrame, annotations: pd.DataFrame, model_froc: dict,
-                   chance_froc: dict, fold: int) -> pd.DataFrame:
-    """Each test lesion (in `_ground_truth`'s order), found or not at 1 FP per image by model and chance."""
-    from mammo_tf.metrics.detection import found_at_fp, hit_localisation
+                   chance_froc: dict, fold: int, loc: dict) -> pd.DataFrame:
+    """Each test lesion (in `_ground_truth`'s order), found or not at 1 FP per image by model and chance, and
+    how the model's hit boxes it (``loc``: `hit_localisation` of ``model_froc``)."""
+    from mammo_tf.metrics.detection import found_at_fp
 
     rows = _test_lesions(exp, records, annotations)
     if len(rows) != len(model_froc["lesion_scores"]):
         raise RuntimeError(f"fold {fold}: {len(rows)} located lesions but {len(model_froc['lesion_scores'])} scored")
-    loc = hit_localisation(model_froc, 1.0)
     return rows[["refnum", "crop_top", "crop_left", "abnormality", "tissue", "severity", "radius"]].assign(
         lesion=lesion_numbers(annotations).loc[rows.index].to_numpy(), fold=fold, found=found_at_fp(model_froc, 1.0),
         found_random=found_at_fp(chance_froc, 1.0), hit_iou=loc["iou"], hit_size_log2=loc["size_log2"])
