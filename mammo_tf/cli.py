@@ -124,8 +124,8 @@ def cmd_evaluate_tiled(args: argparse.Namespace) -> int:
     from mammo_tf import tiled
 
     model_dir = Path(args.model)
-    cfg = tiled.TileConfig(stride=args.stride, min_breast=args.min_breast)
-    tiled.run(model_dir, Path(args.out) / tiled.run_name(model_dir.name), cfg, command=_command())
+    cfg = tiled.TileConfig(stride=args.stride, min_breast=args.min_breast, scales=tuple(args.scales))
+    tiled.run(model_dir, Path(args.out) / tiled.run_name(model_dir.name, cfg), cfg, command=_command())
     return 0
 
 
@@ -234,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-tiled", help=cmd_evaluate_tiled.__doc__)
     p.add_argument("--model", required=True, help="a folder written by train-detector with protocol: crops")
     p.add_argument("--out", default="models")
-    p.add_argument("--stride", type=int, help="film pixels between tile origins (default: two thirds of a tile)")
+    p.add_argument("--stride", type=int, help="pixels between tile origins (default: two thirds of a tile)")
     p.add_argument("--min-breast", type=float, default=0.05, help="share of a tile that must be breast")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="film scales searched, e.g. 1 0.5 (an image pyramid; the output folder names them)")
     p.set_defaults(func=cmd_evaluate_tiled)
     p = sub.add_parser("export-detector-arrays", help=cmd_export_detector_arrays.__doc__)
     p.add_argument("--config", required=True)

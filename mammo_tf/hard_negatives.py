@@ -42,11 +42,13 @@ def mine(model: Any, exp: Any, anchor_cfg: Any, films: Any, annotations: pd.Data
 
     from mammo_tf.data import mias
 
+    if cfg.scales != (1.0,):
+        raise ValueError(f"hard negatives are cut from the film at full resolution: scales must be (1.0,), got {cfg.scales}")
     size, rows = int(exp.image_size), []
     refnums = sorted(set(refnums))
     bar = keras.utils.Progbar(len(refnums), unit_name="film")
     for refnum in refnums:
-        dets, origins = tile_predictions(model, exp, anchor_cfg, films.image(refnum), films.mask(refnum), cfg)
+        dets, origins, _ = tile_predictions(model, exp, anchor_cfg, films.image(refnum), films.mask(refnum), cfg)
         free = lesion_free(origins, size, mias.lesion_boxes(annotations, refnum)[0], margin)
         scores = np.array([float(np.max(d["scores"], initial=0.0)) for d in dets])
         best = [i for i in np.argsort(-scores, kind="stable") if free[i] and scores[i] > 0][:per_film]

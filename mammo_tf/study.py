@@ -82,10 +82,11 @@ def step_detector(cfg: dict, out: Path) -> dict:
             name = candidates.run_name(exp.name)
             blobs = candidates.run(exp, out / "models" / name, command=f"study step detector ({path}, blobs)")
             results[name] = blobs["results"]
-    for name in cfg.get("tiled_detectors", []):  # once every detector is trained: they need the crops runs
-        run = tiled.run(out / "models" / name, out / "models" / tiled.run_name(name),
-                        command=f"study step detector ({name}, tiled)")
-        results[tiled.run_name(name)] = run["results"]
+    for entry in cfg.get("tiled_detectors", []):  # once every detector is trained: they need the crops runs
+        name, tiles = tiled.study_entry(entry)
+        run = tiled.run(out / "models" / name, out / "models" / tiled.run_name(name, tiles), tiles,
+                        command=f"study step detector ({name}, tiled{tiles.suffix()})")
+        results[tiled.run_name(name, tiles)] = run["results"]
     return results
 
 

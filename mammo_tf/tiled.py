@@ -25,14 +25,28 @@ TILED_NOTE = "whole films, no prior location: the breast searched in full-resolu
 class TileConfig:
     """Where the tiles go: the detector's input side, every ``stride`` film pixels over the breast."""
 
-    stride: int | None = None  # film pixels between tile origins; None: two thirds of the tile side (200 for 300)
+    stride: int | None = None  # pixels between tile origins (of the film at each scale); None: two thirds of the tile (200 for 300)
     min_breast: float = 0.05   # a tile is searched when at least this share of it is breast
+    # The film sizes searched (an image pyramid): at 0.5 a tile covers twice the film's width, so that a
+    # lesion larger than a full-resolution tile fits one, at the size the detector was trained to box.
+    scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if not 0.0 <= self.min_breast <= 1.0:
             raise ValueError(f"min_breast must be in [0, 1], got {self.min_breast}")
+        object.__setattr__(self, "scales", tuple(float(x) for x in self.scales))
+        if not self.scales or len(set(self.scales)) != len(self.scales) or not all(0 < x <= 1 for x in self.scales):
+            raise ValueError(f"scales must be distinct film scales in (0, 1], got {list(self.scales)}")
+
+    def suffix(self) -> str:
+        """What sets this search apart from the default one, for its output folder's name ('' for the default)."""
+        default = TileConfig()
+        parts = ([f"stride{self.stride}"] if self.stride != default.stride else []) + (
+            [f"breast{self.min_breast:g}"] if self.min_breast != default.min_breast else []) + (
+            ["scales" + "-".join(f"{x:g}" for x in self.scales)] if self.scales != default.scales else [])
+        return "".join(f"_{x}" for x in parts)
 
     def stride_for(self, size: int) -> int:
         """The stride for tiles of side ``size``: overlapping, so that a lesion cut by one tile's edge is whole in the next."""
@@ -67,16 +81,18 @@ def tile_origins(mask: np.ndarray, size: int, stride: int, min_breast: float = 0
     return grid[area >= min_breast * size * size]
 
 
-def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: int, nms_iou: float,
+def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: float | np.ndarray, nms_iou: float,
                 max_total: int) -> dict:
-    """One film's detections in film pixels: tile boxes moved to their origins, per-class NMS, the best ``max_total``."""
+    """One film's detections in film pixels: tile boxes scaled to their tile's side in film pixels (``size``, one or
+    per tile) and moved to its origin, per-class NMS, the best ``max_total``."""
     from mammo_tf.boxes import suppress_across_classes
 
     boxes, labels, scores = np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0)
     if tile_detections:
         origins = np.asarray(origins, np.float64).reshape(-1, 2)
-        boxes = np.concatenate([np.asarray(d["boxes"], np.float64).reshape(-1, 4) * size + np.tile(o, 2)
-                                for d, o in zip(tile_detections, origins)])
+        sides = np.broadcast_to(np.asarray(size, np.float64), (len(origins),))
+        boxes = np.concatenate([np.asarray(d["boxes"], np.float64).reshape(-1, 4) * side + np.tile(o, 2)
+                                for d, o, side in zip(tile_detections, origins, sides)])
         labels = np.concatenate([np.asarray(d["labels"], np.int64) for d in tile_detections])
         scores = np.concatenate([np.asarray(d["scores"], np.float64) for d in tile_detections])
     # A lesion seen by overlapping tiles is one detection per class, as within a tile.
@@ -87,24 +103,43 @@ def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: int, nms
     return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
 
 
+def _scaled(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The film and its breast mask at ``scale`` of their size (area averaging for the film)."""
+    import cv2
+
+    if scale == 1.0:
+        return image, mask
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(np.asarray(mask, np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool))
+
+
 def tile_predictions(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: np.ndarray, cfg: TileConfig,
-                     batch_size: int = 16) -> tuple[list[dict], np.ndarray]:
-    """(each tile's detections, boxes normalised to the tile; ``[top, left]`` of each tile) over a film's breast."""
+                     batch_size: int = 16) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Over a film's breast, at each of ``cfg.scales``: each tile's detections (boxes normalised to the tile), its
+    ``[top, left]`` and its side, both in film pixels."""
     from mammo_tf import detector as D
 
-    size = int(exp.image_size)
-    origins = tile_origins(mask, size, cfg.stride_for(size), cfg.min_breast)
-    tiles = [image[t:t + size, l:l + size] for t, l in origins]
-    channels = exp.ssd_config().input_channels
-    batches = (D.model_input(tiles[i:i + batch_size], channels) for i in range(0, len(tiles), batch_size))
-    return D.predict_batches(model, batches, anchor_cfg, exp), origins
+    size, channels = int(exp.image_size), exp.ssd_config().input_channels
+    dets, origins, sides = [], [], []
+    for scale in cfg.scales:
+        im, m = _scaled(image, mask, scale)
+        at = tile_origins(m, size, cfg.stride_for(size), cfg.min_breast)
+        tiles = [im[t:t + size, l:l + size] for t, l in at]
+        batches = (D.model_input(tiles[i:i + batch_size], channels) for i in range(0, len(tiles), batch_size))
+        dets += D.predict_batches(model, batches, anchor_cfg, exp)
+        origins.append(at / scale)
+        sides.append(np.full(len(at), size / scale))
+    return dets, np.concatenate(origins).reshape(-1, 2), np.concatenate(sides)
 
 
 def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: np.ndarray, cfg: TileConfig,
                 batch_size: int = 16) -> tuple[dict, np.ndarray]:
-    """(detections in film pixels, ``[top, left]`` of each tile searched) of a crops-trained detector over a film's breast."""
-    dets, origins = tile_predictions(model, exp, anchor_cfg, image, mask, cfg, batch_size)
-    return merge_tiles(dets, origins, int(exp.image_size), exp.nms_iou_threshold, exp.max_total), origins
+    """(detections in film pixels, ``[top, left]`` in film pixels of each tile searched) of a crops-trained detector
+    over a film's breast."""
+    dets, origins, sides = tile_predictions(model, exp, anchor_cfg, image, mask, cfg, batch_size)
+    return merge_tiles(dets, origins, sides, exp.nms_iou_threshold, exp.max_total), origins
 
 
 def tiled_detections(crops_dir: str | Path, samples: Any, cfg: TileConfig,
@@ -139,9 +174,22 @@ def tiled_detections(crops_dir: str | Path, samples: Any, cfg: TileConfig,
     return detections, info
 
 
-def run_name(crops_name: str) -> str:
-    """The folder (and experiment name) of the tiled search with crops detector ``crops_name``."""
-    return f"tiled_{crops_name}"
+def study_entry(entry: str | dict) -> tuple[str, TileConfig]:
+    """(crops run name, tile settings) of a ``tiled_detectors`` entry of a study config: a name, or
+    ``{name: ..., scales: [...], stride: ..., min_breast: ...}``."""
+    if isinstance(entry, str):
+        return entry, TileConfig()
+    settings = {k: v for k, v in entry.items() if k != "name"}
+    unknown = set(settings) - {f.name for f in dataclasses.fields(TileConfig)}
+    if unknown or "name" not in entry:
+        raise ValueError(f"a tiled_detectors entry needs a name and takes {[f.name for f in dataclasses.fields(TileConfig)]}; "
+                         f"got {entry}")
+    return entry["name"], TileConfig(**settings)
+
+
+def run_name(crops_name: str, cfg: TileConfig = TileConfig()) -> str:
+    """The folder (and experiment name) of the tiled search ``cfg`` with crops detector ``crops_name``."""
+    return f"tiled_{crops_name}{cfg.suffix()}"
 
 
 def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig(), command: str | None = None,
@@ -160,7 +208,7 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
         raise ConfigError(f"{crops_dir}: tiles need a detector trained on patient-split crops "
                           f"(protocol {crops_exp.protocol!r}, naive_split {crops_exp.naive_split})")
     # The same patient folds and whole-film test samples as every whole-film detector.
-    exp = dataclasses.replace(crops_exp, name=run_name(crops_exp.name), protocol="whole", max_shift=0,
+    exp = dataclasses.replace(crops_exp, name=run_name(crops_exp.name, cfg), protocol="whole", max_shift=0,
                               init_from=None, hard_negative_tiles=0)  # how the crops model trained: crops_dir's config
     ann = annotations if annotations is not None else mias.load_annotations(exp.data)
     samples = D.make_samples(exp, ann)
@@ -168,8 +216,9 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
     detections, info = tiled_detections(crops_dir, samples, cfg, films)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / D.CONFIG_FILE, {"experiment": exp.to_dict(), "tiles": asdict(cfg), "detector": crops_dir.as_posix()})
+    scales = " and ".join("full" if x == 1 else f"{x:g}x" for x in cfg.scales)
     row = (f"SSD{crops_exp.image_size} {crops_exp.ssd_config().backbone} trained on crops ({crops_exp.name}), "
-           f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at full resolution")
+           f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at {scales} resolution")
     return D.evaluate_experiment(exp, out, command=command, samples=samples, annotations=ann, detections=detections,
                                  training_info=info, trained_by=prov.get("trained_by", prov) or None, row_name=row,
                                  figure_label="tiled SSD", protocol_note=TILED_NOTE)

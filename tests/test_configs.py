@@ -37,9 +37,10 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     assert set(cfg.get("detector_baselines", [])) <= {detector.load_experiment(ROOT / p).name for p in cfg["detector"]}
     # The tiled search uses crops detectors of this setting.
     crops = {e.name for e in map(detector.load_experiment, (ROOT / p for p in cfg["detector"])) if e.protocol == "crops"}
-    assert set(cfg.get("tiled_detectors", [])) <= crops
+    tiled_runs = [tiled.study_entry(e) for e in cfg.get("tiled_detectors", [])]
+    assert {n for n, _ in tiled_runs} <= crops
     runs = set(names) | {candidates.run_name(n) for n in cfg.get("detector_baselines", [])}
-    runs |= {tiled.run_name(n) for n in cfg.get("tiled_detectors", [])}
+    runs |= {tiled.run_name(n, t) for n, t in tiled_runs}
     # Runs of this setting, at least two (exactly two for a paired comparison).
     for group in cfg.get("ensembles", []) + cfg.get("selections", []) + cfg.get("paired_detectors", []):
         assert len(group["runs"]) >= 2 and set(group["runs"]) <= runs and group["name"] not in runs
@@ -63,7 +64,7 @@ def test_every_committed_training_config_is_in_the_full_setting():
 def test_every_committed_reference_and_comparison_is_in_the_full_setting():
     cfg = _full()
     listed = {candidates.run_name(n) for n in cfg.get("detector_baselines", [])}
-    listed |= {tiled.run_name(n) for n in cfg.get("tiled_detectors", [])}
+    listed |= {tiled.run_name(*tiled.study_entry(e)) for e in cfg.get("tiled_detectors", [])}
     listed |= {g["name"] for key in ("ensembles", "selections", "paired_detectors") for g in cfg.get(key, [])}
     committed = {d.name for d in (ROOT / "models").iterdir() if d.name.startswith(("blobs_", "paired_", "replicates_",
                                                                                     "selection_", "tiled_"))}

@@ -54,6 +54,22 @@ def test_merged_tiles_are_in_film_pixels_and_duplicates_of_one_class_suppressed(
     assert len(T.merge_tiles(tiles, np.zeros((4, 2), int), 300, 0.45, max_total=2)["scores"]) == 2
     empty = T.merge_tiles([], np.zeros((0, 2), int), 300, 0.45, 10)
     assert empty["boxes"].shape == (0, 4) and len(empty["labels"]) == 0
+    # A tile of the half-size film covers 600 film pixels: its boxes are scaled by its own side.
+    pyramid = T.merge_tiles([tiles[0], tiles[3]], np.array([[0, 0], [200, 200]]), np.array([300, 600]), 0.45, 10)
+    np.testing.assert_allclose(pyramid["boxes"], [[150, 150, 240, 240], [200, 200, 320, 320]])
+
+
+def test_tile_settings_are_checked_and_name_their_output_folder():
+    assert T.run_name("ssd_x") == "tiled_ssd_x" and T.TileConfig().suffix() == ""
+    assert T.run_name("ssd_x", T.TileConfig(scales=[1, 0.5])) == "tiled_ssd_x_scales1-0.5"
+    assert T.run_name("ssd_x", T.TileConfig(stride=100, min_breast=0.2)) == "tiled_ssd_x_stride100_breast0.2"
+    assert T.study_entry("ssd_x") == ("ssd_x", T.TileConfig())
+    assert T.study_entry({"name": "ssd_x", "scales": [1, 0.5]}) == ("ssd_x", T.TileConfig(scales=(1.0, 0.5)))
+    with pytest.raises(ValueError, match="needs a name"):
+        T.study_entry({"name": "ssd_x", "scale": [1, 0.5]})
+    for bad in ((), (1.0, 1.0), (1.5,), (0.0,)):
+        with pytest.raises(ValueError, match="scales"):
+            T.TileConfig(scales=bad)
 
 
 TINY_CROPS = dict(name="tiny_crops", protocol="crops", image_size=96, ssd={"backbone": "cnn"},
@@ -71,6 +87,15 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
     image = mias.read_pgm(good)
     tiles = T.detect_film(model, exp, anchors, image, D.P.breast_mask(image), T.TileConfig())[0]
     np.testing.assert_allclose(np.reshape(found[0]["boxes"], (-1, 4)), tiles["boxes"], atol=0.051)  # rounded to 0.1 px
+    # An image pyramid searches the full-resolution tiles and those of the half-size film, each in film pixels.
+    mask = D.P.breast_mask(image)
+    pyramid = T.TileConfig(scales=(1.0, 0.5))
+    dets, origins, sides = T.tile_predictions(model, exp, anchors, image, mask, pyramid)
+    full, half = (T.tile_origins(m, 96, 64) for m in (mask, T._scaled(image, mask, 0.5)[1]))
+    assert len(dets) == len(origins) == len(sides) == len(full) + len(half)
+    assert sides.tolist() == [96.0] * len(full) + [192.0] * len(half)
+    np.testing.assert_array_equal(origins[len(full):], half * 2)
+    assert len(T.detect_film(model, exp, anchors, image, mask, pyramid)[1]) == len(origins)
     assert "error" in found[1] and "tiles" in json.loads((tmp_path / "detect" / "results.json").read_text())["note"]
     out = tmp_path / T.run_name("tiny_crops")
     metrics = T.run(crops_dir, out, command="pytest", annotations=annotations)  # stride 64: 2/3 of a tile
@@ -124,6 +149,11 @@ def test_a_tile_is_lesion_free_only_with_no_box_within_the_margin():
     assert lesion_free(origins, 300, box, margin=30).tolist() == [False, True, True]
     assert lesion_free(origins, 300, np.array([[450, 450, 460, 460]]), margin=0).tolist() == [True, True, False]
     assert lesion_free(origins, 300, np.zeros((0, 4)), margin=150).all()
+    # Mined tiles become training crops of the film at full resolution: a pyramid is refused.
+    from mammo_tf.hard_negatives import mine
+
+    with pytest.raises(ValueError, match="full resolution"):
+        mine(None, None, None, None, None, [], 1, 0, cfg=T.TileConfig(scales=(1.0, 0.5)))
 
 
 def test_hard_negative_settings_are_refused_without_a_crops_model_to_go_on_from():
