@@ -113,6 +113,7 @@ class DetectorExperiment:
     max_angle: float = 0.0
     zoom_min_scale: float = 1.0           # < 1: SSD's random crop, a zoom in by up to 1 / zoom_min_scale (1: off)
     max_shift: int = 0                    # crops: each epoch re-cuts a training crop up to this many px away (0: off)
+    max_zoom_out: float = 1.0             # crops, > 1: a training crop cut from a film window up to this many times its side, shrunk
     crops_per_lesion: int = 1
     n_normal: int | None = None           # crops protocol: normal crops in all (None: one per normal film)
     naive_split: bool = False
@@ -152,6 +153,9 @@ class DetectorExperiment:
         if self.max_shift < 0 or (self.max_shift and self.protocol != "crops"):
             raise ConfigError(f"max_shift must be >= 0, and is for the crops protocol only; got {self.max_shift} "
                               f"with protocol {self.protocol!r}")
+        if not 1.0 <= self.max_zoom_out <= 3.0 or (self.max_zoom_out > 1 and self.protocol != "crops"):
+            raise ConfigError(f"max_zoom_out must be in [1, 3], and above 1 for the crops protocol only; got "
+                              f"{self.max_zoom_out} with protocol {self.protocol!r}")
         if self.hard_negative_tiles < 0 or (self.hard_negative_tiles and not self.init_from):
             raise ConfigError(f"hard_negative_tiles ({self.hard_negative_tiles}) must be >= 0, and are mined by the "
                               "init_from run's models: set init_from")
@@ -375,6 +379,7 @@ def detection_dataset(
     max_angle: float = 0.0,
     zoom_min_scale: float = 1.0,
     max_shift: int = 0,
+    max_zoom_out: float = 1.0,
     match_iou: float = 0.5,
     variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
     channels: int = 1,
@@ -397,7 +402,7 @@ def detection_dataset(
     ds = crop_dataset(records, training=training, batch_size=1, seed=seed, augment_train=augment,
                       max_angle=max_angle, rot90s=augment_ops == "flips_rot90", flips=augment_ops != "none",
                       flips_up_down=augment_ops == "flips_rot90", zoom_min_scale=zoom_min_scale, max_shift=max_shift,
-                      max_boxes=_max_boxes(records), films=films)
+                      max_zoom_out=max_zoom_out, max_boxes=_max_boxes(records), films=films)
 
     def to_targets(x: tf.Tensor, y: dict) -> tuple:
         b, lab = y["boxes"], y["labels"]
@@ -512,7 +517,8 @@ def train_fold(exp: DetectorExperiment, samples: Samples, fold: Fold, fold_dir: 
                       channels=ssd_cfg.input_channels, ignore_iou=exp.ignore_iou)
         train_ds = detection_dataset(fold.train, samples.films, anchors, training=True, seed=tcfg.seed + fold.index,
                                      augment=exp.augment, augment_ops=exp.augment_ops, max_angle=exp.max_angle,
-                                     zoom_min_scale=exp.zoom_min_scale, max_shift=exp.max_shift, **common)
+                                     zoom_min_scale=exp.zoom_min_scale, max_shift=exp.max_shift,
+                                     max_zoom_out=exp.max_zoom_out, **common)
         val_ds = (detection_dataset(fold.val, samples.films, anchors, training=False, **common)
                   if len(fold.val) else None)
         trainer_cls = _trainer_class()
@@ -1014,6 +1020,8 @@ def _augmentation_label(exp: DetectorExperiment) -> str:
         ops.append(f"rotation up to {exp.max_angle:g} deg")
     if exp.zoom_min_scale < 1:
         ops.append(f"zoom in up to {1 / exp.zoom_min_scale:.2g}x")
+    if exp.max_zoom_out > 1:
+        ops.append(f"zoom out up to {exp.max_zoom_out:.2g}x")
     if exp.max_shift:
         ops.append(f"re-cut up to {exp.max_shift} px away")
     return "/".join(ops) or "no augmentation"

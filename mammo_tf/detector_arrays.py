@@ -66,9 +66,9 @@ def transforms_of(exp: Any) -> tuple[int, ...]:
     """Indices into `DIHEDRAL` the experiment's training augmentation draws from."""
     if not exp.augment:
         return (0,)
-    if exp.max_angle > 0 or exp.zoom_min_scale < 1 or exp.max_shift:
+    if exp.max_angle > 0 or exp.zoom_min_scale < 1 or exp.max_shift or exp.max_zoom_out > 1:
         raise ValueError("array export covers quarter turns and mirrors only: set max_angle: 0, zoom_min_scale: 1, "
-                         "max_shift: 0")
+                         "max_shift: 0, max_zoom_out: 1")
     return ALLOWED[exp.augment_ops]
 
 

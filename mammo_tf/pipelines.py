@@ -89,11 +89,15 @@ def film_stack(refnums: Sequence[str], films: FilmCache | None = None) -> tuple[
     return np.stack([films.image(r) for r in order]), {r: i for i, r in enumerate(order)}
 
 
-def _windows(records: pd.DataFrame, films: FilmCache | None, shifts: np.ndarray | None = None, seed: int = 0):
-    """Dataset of (uint8 window (size, size, 1), row index, origin offset (2,)) sliced from the in-memory film stack.
+def _windows(records: pd.DataFrame, films: FilmCache | None, shifts: np.ndarray | None = None, seed: int = 0,
+             zoom_out: np.ndarray | None = None):
+    """Dataset of (uint8 window (size, size, 1), row index, origin offset (2,) float32, scale) sliced from the film stack.
 
     ``shifts`` (N, 4) int ``[lo_y, hi_y, lo_x, hi_x]``: each time the dataset is iterated, window i
     moves by an offset drawn uniformly from its range (see :func:`shift_ranges`); without, offsets are 0.
+    ``zoom_out`` (N,) float >= 1: window i is cut ``k`` times larger (``k`` uniform in ``[1, zoom_out[i]]``,
+    capped by the film), placed at random so that it holds the (moved) record, and resized to the
+    record's size. A point at film offset ``p`` from the record's origin lands at ``(p - offset) / scale``.
     """
     import tensorflow as tf
 
@@ -106,18 +110,34 @@ def _windows(records: pd.DataFrame, films: FilmCache | None, shifts: np.ndarray 
     if (tops < 0).any() or (lefts < 0).any() or (tops + size > stack.shape[1]).any() or (lefts + size > stack.shape[2]).any():
         raise ValueError("some records fall outside their film")
     ranges = np.zeros((len(records), 4), np.int32) if shifts is None else np.asarray(shifts, np.int32)
+    zooms = np.ones(len(records), np.float32) if zoom_out is None else np.asarray(zoom_out, np.float32)
+    if (zooms < 1).any():
+        raise ValueError("zoom_out factors must be >= 1")
+    zooming = bool((zooms > 1).any())
+    film_hw = np.asarray(stack.shape[1:3], np.int32)
 
-    def window(i, t, l, row, r, s):
-        lo, hi = tf.stack([r[0], r[2]]), tf.stack([r[1], r[3]])
+    def _uniform_int(lo, hi, seed):
+        u = tf.random.stateless_uniform([2], seed)
+        return tf.minimum(lo + tf.cast(tf.floor(u * tf.cast(hi - lo + 1, tf.float32)), tf.int32), hi)  # u == 1 steps past
+
+    def window(i, t, l, row, r, z, s):
         # Folded, so that the shift is drawn apart from the augmentation that uses the same stream.
-        u = tf.random.stateless_uniform([2], tf.random.experimental.stateless_fold_in(s, 1))
-        offset = lo + tf.cast(tf.floor(u * tf.cast(hi - lo + 1, tf.float32)), tf.int32)
-        offset = tf.minimum(offset, hi)  # u == 1 would step one past the range
-        origin = tf.stack([i, t + offset[0], l + offset[1], 0])
-        return tf.slice(stack_t, origin, [1, size, size, 1])[0], row, offset
+        offset = _uniform_int(tf.stack([r[0], r[2]]), tf.stack([r[1], r[3]]), tf.random.experimental.stateless_fold_in(s, 1))
+        corner = tf.stack([t, l]) + offset
+        if not zooming:
+            win = tf.slice(stack_t, tf.stack([i, corner[0], corner[1], 0]), [1, size, size, 1])[0]
+            return win, row, tf.cast(offset, tf.float32), tf.constant(1.0)
+        k = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(s, 2), 1.0, z)
+        side = tf.minimum(tf.cast(tf.round(k * size), tf.int32), tf.reduce_min(film_hw))
+        # The larger window holds the moved record whole and stays in its film.
+        lo, hi = tf.maximum(0, corner + size - side), tf.minimum(corner, film_hw - side)
+        top_left = _uniform_int(lo, hi, tf.random.experimental.stateless_fold_in(s, 3))
+        win = tf.slice(stack_t, tf.concat([[i], top_left, [0]], 0), tf.stack([1, side, side, 1]))[0]
+        win = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(win, [size, size], antialias=True)), 0, 255), tf.uint8)
+        return win, row, tf.cast(top_left - tf.stack([t, l]), tf.float32), tf.cast(side, tf.float32) / size
 
     rows = np.arange(len(records), dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((film_idx, tops, lefts, rows, ranges))
+    ds = tf.data.Dataset.from_tensor_slices((film_idx, tops, lefts, rows, ranges, zooms))
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     ds = tf.data.Dataset.zip((ds, seeds)).map(lambda a, s: window(*a, s), num_parallel_calls=tf.data.AUTOTUNE)
     return ds, size
@@ -144,6 +164,23 @@ def shift_ranges(crops: pd.DataFrame, max_shift: int, film_shape: tuple[int, int
                     # The box moves by -offset: its near edge must stay >= 0 and its far edge <= size.
                     lo, hi = max(lo, int(np.ceil(far.max() - size))), min(hi, int(np.floor(near.min())))
             out[i, 2 * axis: 2 * axis + 2] = (lo, hi) if lo <= hi else (0, 0)
+    return out
+
+
+def zoom_out_limits(crops: pd.DataFrame, max_zoom_out: float) -> np.ndarray:
+    """Per crop, the largest zoom out (:func:`_windows`) that keeps its boxes true: 1 where a box touches the crop's edge.
+
+    A box clipped by the crop (or larger than it) ends at the crop's edge, while its lesion goes on
+    into the film around it: a larger window would show the lesion beyond its box.
+    """
+    if max_zoom_out < 1:
+        raise ValueError(f"max_zoom_out must be >= 1, got {max_zoom_out}")
+    size = _single_size(crops)
+    out = np.full(len(crops), max_zoom_out, np.float32)
+    for i, boxes in enumerate(crops["boxes"]):
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+        if len(b) and ((b[:, :2] <= 0).any() or (b[:, 2:] >= size).any()):
+            out[i] = 1.0
     return out
 
 
@@ -178,7 +215,7 @@ def patch_dataset(
     _check_labels(labels, n_classes)
     ds, size = _windows(records, films)
     labels_t = tf.constant(labels.astype(np.int32))
-    ds = ds.map(lambda x, row, _: (x, tf.gather(labels_t, row)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, row, _offset, _scale: (x, tf.gather(labels_t, row)), num_parallel_calls=tf.data.AUTOTUNE)
     if cache:
         ds = ds.cache()
     if training:
@@ -241,6 +278,7 @@ def crop_dataset(
     flips: bool = True,
     zoom_min_scale: float = 1.0,
     max_shift: int = 0,
+    max_zoom_out: float = 1.0,
 ) -> "tf.data.Dataset":
     """Batches of (float32 crops (B, S, S, 1), {"boxes": (B, max_boxes, 4) normalised, "labels": (B, max_boxes)}).
 
@@ -251,7 +289,9 @@ def crop_dataset(
     ``1 / zoom_min_scale``, when that is below 1) moves boxes with the image. With ``max_shift``,
     each training crop is cut afresh every epoch, its origin moved by up to that many pixels in the
     film (:func:`shift_ranges`: its boxes stay whole inside), so the network never sees one
-    lesion at the same position twice.
+    lesion at the same position twice. With ``max_zoom_out`` above 1, each training crop is cut
+    from a film window up to that many times its side around it and shrunk to its size (SSD's
+    zoom out, with the film around the crop instead of a flat fill; :func:`zoom_out_limits`).
     """
     import tensorflow as tf
 
@@ -266,19 +306,21 @@ def crop_dataset(
             boxes[i, : len(b)] = np.asarray(b, np.float32)
             labels[i, : len(l)] = l
     shifting = training and augment_train and max_shift > 0
+    zooming_out = training and augment_train and max_zoom_out > 1
     films = films if films is not None else FilmCache()
     shifts = shift_ranges(crops, max_shift, films.image(crops["refnum"].iloc[0]).shape[:2]) if shifting else None
-    ds, _ = _windows(crops, films, shifts, seed=seed)
+    zooms = zoom_out_limits(crops, max_zoom_out) if zooming_out else None
+    ds, _ = _windows(crops, films, shifts, seed=seed, zoom_out=zooms)
     boxes_t, labels_t = tf.constant(boxes), tf.constant(labels)
 
-    def with_boxes(x, row, offset):
+    def with_boxes(x, row, offset, scale):
         b, lab = tf.gather(boxes_t, row), tf.gather(labels_t, row)
-        moved = b - tf.cast(tf.tile(offset, [2]), tf.float32)
+        moved = (b - tf.tile(offset, [2])) / scale
         # Padding rows stay zero.
         return x, moved * tf.cast(lab > 0, tf.float32)[:, None], lab
 
     ds = ds.map(with_boxes, num_parallel_calls=tf.data.AUTOTUNE)
-    if cache and not shifting:  # a cache would freeze the first epoch's shifts
+    if cache and not (shifting or zooming_out):  # a cache would freeze the first epoch's draws
         ds = ds.cache()
     if training:
         ds = ds.shuffle(len(crops), seed=seed, reshuffle_each_iteration=True)

@@ -339,6 +339,12 @@ def test_augmentation_label_names_every_transform():
     assert D._augmentation_label(D.DetectorExperiment(protocol="crops", augment_ops="none", max_shift=150)) == "re-cut up to 150 px away"
     with pytest.raises(ConfigError, match="max_shift"):
         D.DetectorExperiment(protocol="whole", max_shift=10)
+    assert D._augmentation_label(D.DetectorExperiment(protocol="crops", augment_ops="none", zoom_min_scale=0.5,
+                                                      max_zoom_out=2)) == "zoom in up to 2x/zoom out up to 2x"
+    for bad in (dict(protocol="whole", max_zoom_out=2), dict(protocol="crops", max_zoom_out=0.5),
+                dict(protocol="crops", max_zoom_out=4)):
+        with pytest.raises(ConfigError, match="max_zoom_out"):
+            D.DetectorExperiment(**bad)
 
 
 def test_rows_name_a_frozen_trunk_and_early_stopping(tmp_path):

@@ -186,3 +186,36 @@ def test_crop_dataset_shift_recuts_each_epoch_and_moves_the_box_with_the_lesion(
     # Without training (or with max_shift 0) the crop stays where the record put it.
     x, target = next(iter(PL.crop_dataset(crops, batch_size=1, films=films, max_shift=40)))
     np.testing.assert_allclose(target["boxes"].numpy()[0, 0] * 128, [60, 50, 100, 110], atol=1e-4)
+
+
+def test_zoom_out_limits_hold_back_crops_whose_boxes_touch_the_edge():
+    crops = pd.DataFrame({"refnum": ["a"] * 3, "top": [0] * 3, "left": [0] * 3, "size": [100] * 3,
+                          "boxes": [[[20.0, 30.0, 60.0, 70.0]], [], [[0.0, 40.0, 50.0, 60.0]]], "box_labels": [[1], [], [2]]})
+    assert PL.zoom_out_limits(crops, 2.0).tolist() == [2.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="max_zoom_out"):
+        PL.zoom_out_limits(crops, 0.5)
+
+
+def test_crop_dataset_zoom_out_shrinks_the_lesion_and_its_box_alike():
+    film = np.zeros((400, 400), np.uint8)
+    film[180:220, 150:210] = 255  # the "lesion": its box is (180, 150, 220, 210) in film pixels
+    films = P.FilmCache(load_image={"f": film}.__getitem__)
+    crops = pd.DataFrame({"refnum": ["f"], "patient_id": [1], "top": [120], "left": [100], "size": [128],
+                          "boxes": [[[60.0, 50.0, 100.0, 110.0]]], "box_labels": [[1]]})
+    ds = PL.crop_dataset(crops, training=True, batch_size=1, films=films, flips=False, rot90s=False,
+                         flips_up_down=False, max_zoom_out=2.5, seed=1)
+    sides = []
+    for _ in range(8):  # eight epochs, one window drawn in each
+        x, target = next(iter(ds))
+        img, b = x.numpy()[0, ..., 0], target["boxes"].numpy()[0, 0] * 128
+        ys, xs = np.nonzero(img > 0.5)
+        # The box follows the bright square to within the resampling's half pixel at each edge.
+        np.testing.assert_allclose(b, [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], atol=1.0)
+        assert ((b >= 0) & (b <= 128)).all()
+        sides.append(b[2] - b[0])
+        # The square keeps its 40:60 aspect, whatever the scale.
+        np.testing.assert_allclose((b[3] - b[1]) / (b[2] - b[0]), 1.5, rtol=1e-4)
+    assert min(sides) < 40 - 5 and max(sides) <= 40 + 1e-4 and min(sides) >= 40 / 2.5 - 1e-4
+    # Evaluation crops are never zoomed.
+    _, target = next(iter(PL.crop_dataset(crops, batch_size=1, films=films, max_zoom_out=2.5)))
+    np.testing.assert_allclose(target["boxes"].numpy()[0, 0] * 128, [60, 50, 100, 110], atol=1e-4)
