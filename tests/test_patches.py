@@ -317,6 +317,12 @@ def test_figures_draw_every_record():
     assert [len(ax.patches) for ax in fig3.axes] == [1, 1, 1]
     fig4 = PP.breast_masks({"a": image}, {"a": mask})
     assert "breast 62%" in fig4.axes[0].get_title()
+    # Two epochs of two crops; the padding row (label 0) draws no box.
+    served = (np.zeros((2, 64, 64, 1)), {"boxes": np.array([[[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]]] * 2),
+                                         "labels": np.array([[1, 0], [2, 0]])})
+    fig5 = PP.served_crops([served, served], titles=["epoch 1", "epoch 2"])
+    assert [len(ax.patches) for ax in fig5.axes] == [1, 1, 1, 1]
+    assert fig5.axes[1].get_title() == "epoch 2" and fig5.axes[2].get_title() == ""
     plt.close("all")
 
 

@@ -129,3 +129,18 @@ def augmented_crops(
             _draw_boxes(axes[i, j], ob, lab)
     fig.tight_layout()
     return fig
+
+
+def served_crops(epochs: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]], titles: Sequence[str] | None = None) -> Figure:
+    """Gallery: each column one batch (images, targets) of a `pipelines.crop_dataset`, e.g. one per epoch, boxes drawn."""
+    n_rows = len(epochs[0][0])
+    fig, axes = plt.subplots(n_rows, len(epochs), figsize=(2.3 * len(epochs), 2.4 * n_rows), squeeze=False)
+    for j, (images, target) in enumerate(epochs):
+        images, boxes, labels = np.asarray(images), np.asarray(target["boxes"]), np.asarray(target["labels"])
+        side = images.shape[1]
+        for i in range(n_rows):
+            keep = labels[i] > 0
+            _show(axes[i, j], images[i, ..., 0], titles[j] if titles is not None and i == 0 else "")
+            _draw_boxes(axes[i, j], boxes[i][keep] * side, labels[i][keep])
+    fig.tight_layout()
+    return fig
