@@ -751,7 +751,7 @@ def lesion_ap(ground_truths: list[dict], detections: list[dict], iou_threshold: 
 
 def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_threshold: float = 0.5,
                       nms_iou_threshold: float = 0.45) -> tuple[dict, dict, dict]:
-    """(flat scalar metrics, evaluate_detections result, froc result) of one set of images."""
+    """(flat scalar metrics, evaluate_detections result, froc result with its `hit_localisation` at 1 FP) of one set of images."""
     from mammo_tf.metrics.classification import safe_roc_auc
     from mammo_tf.metrics.detection import evaluate_detections, froc, hit_localisation, sensitivity_at_fp
 
@@ -783,8 +783,8 @@ def detection_metrics(ground_truths: list[dict], detections: list[dict], iou_thr
     for t in LESION_IOUS:
         flat[f"lesion_ap_iou{t:g}"] = lesion_ap(lesion_gts, lesion_dets, t)
     # The lesions found at 1 FP per image by their centre: how well their boxes fit (why AP can lag the FROC).
-    loc = hit_localisation(fr, 1.0)
-    flat.update({f"hit_{k}": loc[k] for k in HIT_KEYS})
+    fr["hit_localisation"] = hit_localisation(fr, 1.0)
+    flat.update({f"hit_{k}": fr["hit_localisation"][k] for k in HIT_KEYS})
     return flat, ev, fr
 
 
@@ -881,7 +881,6 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     """
     from mammo_tf.baselines import oracle_boxes_random_class, random_boxes_random_class
     from mammo_tf.metrics.classification import summarise_folds
-    from mammo_tf.metrics.detection import hit_localisation
     from mammo_tf.plots import detection as dplots
 
     out = Path(out_dir)
@@ -905,7 +904,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
                                             seed=exp.seed + fold.index)
         guesses = _to_eval_pixels(exp, samples, fold.test, guesses)
         chance, _, chance_froc = detection_metrics(gts, guesses, exp.iou_threshold, exp.nms_iou_threshold)
-        hits["test"].append(hit_localisation(fr, 1.0))
+        hits["test"].append(fr["hit_localisation"])
         lesions.append(_lesions_found(exp, fold.test, samples.annotations, fr, chance_froc, fold.index,
                                       hits["test"][-1]))
         train_dets = _to_eval_pixels(exp, samples, fold.train, found["train"])
@@ -913,7 +912,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
         train_flat, _, train_fr = detection_metrics(train_gts, train_dets, exp.iou_threshold, exp.nms_iou_threshold)
         flat["train_mAP"] = train_flat["map"]
         flat.update({f"train_hit_{k}": train_flat[f"hit_{k}"] for k in HIT_KEYS})
-        hits["train"].append(hit_localisation(train_fr, 1.0))
+        hits["train"].append(train_fr["hit_localisation"])
         if "train_recut" in found:
             recut = recut_train_records(exp, samples, fold)
             flat["train_recut_mAP"] = detection_metrics(
