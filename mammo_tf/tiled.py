@@ -208,7 +208,7 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
         raise ConfigError(f"{crops_dir}: tiles need a detector trained on patient-split crops "
                           f"(protocol {crops_exp.protocol!r}, naive_split {crops_exp.naive_split})")
     # The same patient folds and whole-film test samples as every whole-film detector.
-    exp = dataclasses.replace(crops_exp, name=run_name(crops_exp.name, cfg), protocol="whole", max_shift=0,
+    exp = dataclasses.replace(crops_exp, name=run_name(crops_exp.name, cfg), protocol="whole", max_shift=0, max_zoom_out=1.0,
                               init_from=None, hard_negative_tiles=0)  # how the crops model trained: crops_dir's config
     ann = annotations if annotations is not None else mias.load_annotations(exp.data)
     samples = D.make_samples(exp, ann)

@@ -79,7 +79,8 @@ TINY_CROPS = dict(name="tiny_crops", protocol="crops", image_size=96, ssd={"back
 
 def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotations, film_and_broken_png):
     crops_dir = tmp_path / "tiny_crops"
-    D.run_experiment(D.DetectorExperiment(**TINY_CROPS), crops_dir, command="pytest")
+    # Trained with the crops-only augmentations (re-cuts, zoom out), which the whole-film search leaves out.
+    D.run_experiment(D.DetectorExperiment(**{**TINY_CROPS, "max_shift": 10, "max_zoom_out": 1.5}), crops_dir, command="pytest")
     # `mammo-tf detect` with a crops model searches the file's film in full-resolution tiles, as the evaluation does.
     good, bad = film_and_broken_png
     found = D.detect_images([good, bad], crops_dir, tmp_path / "detect", score_threshold=0.01)  # the run's own
