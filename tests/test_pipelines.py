@@ -209,7 +209,7 @@ def test_crop_dataset_zoom_out_shrinks_the_lesion_and_its_box_alike():
         x, target = next(iter(ds))
         img, b = x.numpy()[0, ..., 0], target["boxes"].numpy()[0, 0] * 128
         ys, xs = np.nonzero(img > 0.5)
-        # The box follows the bright square to within the resampling's half pixel at each edge.
+        # The box follows the bright square to within a pixel (the resampling blurs each edge).
         np.testing.assert_allclose(b, [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], atol=1.0)
         assert ((b >= 0) & (b <= 128)).all()
         sides.append(b[2] - b[0])
