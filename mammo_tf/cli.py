@@ -124,7 +124,8 @@ def cmd_evaluate_tiled(args: argparse.Namespace) -> int:
     from mammo_tf import tiled
 
     model_dir = Path(args.model)
-    cfg = tiled.TileConfig(stride=args.stride, min_breast=args.min_breast, scales=tuple(args.scales))
+    cfg = tiled.TileConfig(stride=args.stride, min_breast=args.min_breast, scales=tuple(args.scales), hflip=args.hflip,
+                           vote_iou=args.vote_iou)
     tiled.run(model_dir, Path(args.out) / tiled.run_name(model_dir.name, cfg), cfg, command=_command())
     return 0
 
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-breast", type=float, default=0.05, help="share of a tile that must be breast")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="film scales searched, e.g. 1 0.5 (an image pyramid; the output folder names them)")
+    p.add_argument("--hflip", action="store_true", help="search the mirrored film too (test-time augmentation)")
+    p.add_argument("--vote-iou", type=float, help="box voting: kept boxes take the score-weighted mean of the "
+                   "same-class boxes overlapping them by this IoU (e.g. 0.5)")
     p.set_defaults(func=cmd_evaluate_tiled)
     p = sub.add_parser("export-detector-arrays", help=cmd_export_detector_arrays.__doc__)
     p.add_argument("--config", required=True)

@@ -30,6 +30,11 @@ class TileConfig:
     # The film sizes searched (an image pyramid): at 0.5 a tile covers twice the film's width, so that a
     # lesion larger than a full-resolution tile fits one, at the size the detector was trained to box.
     scales: tuple[float, ...] = (1.0,)
+    # Test-time augmentation: the mirrored film searched too, its boxes mirrored back before the merge.
+    hflip: bool = False
+    # Box voting (Gidaris & Komodakis, 2015): each box kept by the merge's NMS takes the score-weighted mean
+    # corners of the same-class boxes overlapping it by IoU >= this; None: the kept box as it is.
+    vote_iou: float | None = None
 
     def __post_init__(self) -> None:
         if self.stride is not None and self.stride < 1:
@@ -39,13 +44,16 @@ class TileConfig:
         object.__setattr__(self, "scales", tuple(float(x) for x in self.scales))
         if not self.scales or len(set(self.scales)) != len(self.scales) or not all(0 < x <= 1 for x in self.scales):
             raise ValueError(f"scales must be distinct film scales in (0, 1], got {list(self.scales)}")
+        if self.vote_iou is not None and not 0.0 < self.vote_iou <= 1.0:
+            raise ValueError(f"vote_iou must be in (0, 1] or None, got {self.vote_iou}")
 
     def suffix(self) -> str:
         """What sets this search apart from the default one, for its output folder's name ('' for the default)."""
         default = TileConfig()
         parts = ([f"stride{self.stride}"] if self.stride != default.stride else []) + (
             [f"breast{self.min_breast:g}"] if self.min_breast != default.min_breast else []) + (
-            ["scales" + "-".join(f"{x:g}" for x in self.scales)] if self.scales != default.scales else [])
+            ["scales" + "-".join(f"{x:g}" for x in self.scales)] if self.scales != default.scales else []) + (
+            ["hflip"] if self.hflip else []) + ([f"vote{self.vote_iou:g}"] if self.vote_iou is not None else [])
         return "".join(f"_{x}" for x in parts)
 
     def stride_for(self, size: int) -> int:
@@ -81,10 +89,25 @@ def tile_origins(mask: np.ndarray, size: int, stride: int, min_breast: float = 0
     return grid[area >= min_breast * size * size]
 
 
+def vote_boxes(kept: np.ndarray, boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Box voting: each of ``kept`` replaced by the score-weighted mean of ``boxes`` overlapping it by IoU >= ``iou``."""
+    from mammo_tf.metrics.detection import iou_matrix
+
+    kept = np.asarray(kept, np.float64).reshape(-1, 4)
+    if not len(kept):
+        return kept
+    weights = (iou_matrix(kept, boxes) >= iou) * np.asarray(scores, np.float64)[None, :]
+    total = weights.sum(axis=1, keepdims=True)
+    # A kept box is one of ``boxes`` (IoU 1 with itself), so its own score is in the total.
+    if np.any(total <= 0):
+        raise ValueError("vote_boxes: every kept box must be among the boxes, with a positive score")
+    return weights @ np.asarray(boxes, np.float64) / total
+
+
 def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: float | np.ndarray, nms_iou: float,
-                max_total: int) -> dict:
+                max_total: int, vote_iou: float | None = None) -> dict:
     """One film's detections in film pixels: tile boxes scaled to their tile's side in film pixels (``size``, one or
-    per tile) and moved to its origin, per-class NMS, the best ``max_total``."""
+    per tile) and moved to its origin, per-class NMS (and box voting at ``vote_iou``), the best ``max_total``."""
     from mammo_tf.boxes import suppress_across_classes
 
     boxes, labels, scores = np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0)
@@ -100,7 +123,11 @@ def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: float | 
             for c in np.unique(labels)]
     keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
     keep = keep[np.argsort(-scores[keep], kind="stable")][:max_total]
-    return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
+    kept = boxes[keep].copy()
+    for c in np.unique(labels[keep]) if vote_iou is not None else ():
+        mine = labels[keep] == c
+        kept[mine] = vote_boxes(kept[mine], boxes[labels == c], scores[labels == c], vote_iou)
+    return {"boxes": kept, "labels": labels[keep], "scores": scores[keep]}
 
 
 def _scaled(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -117,20 +144,29 @@ def _scaled(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarr
 
 def tile_predictions(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: np.ndarray, cfg: TileConfig,
                      batch_size: int = 16) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """Over a film's breast, at each of ``cfg.scales``: each tile's detections (boxes normalised to the tile), its
-    ``[top, left]`` and its side, both in film pixels."""
+    """Over a film's breast, at each of ``cfg.scales`` (and mirrored, with ``cfg.hflip``): each tile's detections
+    (boxes normalised to the tile, as on the film), its ``[top, left]`` and its side, both in film pixels."""
     from mammo_tf import detector as D
 
     size, channels = int(exp.image_size), exp.ssd_config().input_channels
     dets, origins, sides = [], [], []
     for scale in cfg.scales:
-        im, m = _scaled(image, mask, scale)
-        at = tile_origins(m, size, cfg.stride_for(size), cfg.min_breast)
-        tiles = [im[t:t + size, l:l + size] for t, l in at]
-        batches = (D.model_input(tiles[i:i + batch_size], channels) for i in range(0, len(tiles), batch_size))
-        dets += D.predict_batches(model, batches, anchor_cfg, exp)
-        origins.append(at / scale)
-        sides.append(np.full(len(at), size / scale))
+        for mirrored in (False, True) if cfg.hflip else (False,):
+            im, m = _scaled(image, mask, scale)
+            if mirrored:
+                im, m = im[:, ::-1], m[:, ::-1]
+            at = tile_origins(m, size, cfg.stride_for(size), cfg.min_breast)
+            tiles = [im[t:t + size, l:l + size] for t, l in at]
+            batches = (D.model_input(tiles[i:i + batch_size], channels) for i in range(0, len(tiles), batch_size))
+            found = D.predict_batches(model, batches, anchor_cfg, exp)
+            if mirrored:
+                # A mirrored tile at left l is the film's tile at width - l - size, its boxes mirrored within it.
+                found = [{**d, "boxes": np.asarray(d["boxes"], np.float64).reshape(-1, 4)[:, [0, 3, 2, 1]]
+                          * [1, -1, 1, -1] + [0, 1, 0, 1]} for d in found]
+                at = np.stack([at[:, 0], m.shape[1] - size - at[:, 1]], axis=1) if len(at) else at
+            dets += found
+            origins.append(at / scale)
+            sides.append(np.full(len(at), size / scale))
     return dets, np.concatenate(origins).reshape(-1, 2), np.concatenate(sides)
 
 
@@ -139,7 +175,7 @@ def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: 
     """(detections in film pixels, ``[top, left]`` in film pixels of each tile searched) of a crops-trained detector
     over a film's breast."""
     dets, origins, sides = tile_predictions(model, exp, anchor_cfg, image, mask, cfg, batch_size)
-    return merge_tiles(dets, origins, sides, exp.nms_iou_threshold, exp.max_total), origins
+    return merge_tiles(dets, origins, sides, exp.nms_iou_threshold, exp.max_total, cfg.vote_iou), origins
 
 
 def tiled_detections(crops_dir: str | Path, samples: Any, cfg: TileConfig,
@@ -218,7 +254,8 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
     save_json(out / D.CONFIG_FILE, {"experiment": exp.to_dict(), "tiles": asdict(cfg), "detector": crops_dir.as_posix()})
     scales = " and ".join("full" if x == 1 else f"{x:g}x" for x in cfg.scales)
     row = (f"SSD{crops_exp.image_size} {crops_exp.ssd_config().backbone} trained on crops ({crops_exp.name}), "
-           f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at {scales} resolution")
+           f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at {scales} resolution"
+           + (", mirrored film too" if cfg.hflip else "") + (f", box voting at IoU {cfg.vote_iou:g}" if cfg.vote_iou else ""))
     return D.evaluate_experiment(exp, out, command=command, samples=samples, annotations=ann, detections=detections,
                                  training_info=info, trained_by=prov.get("trained_by", prov) or None, row_name=row,
                                  figure_label="tiled SSD", protocol_note=TILED_NOTE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,10 +60,38 @@ def test_merged_tiles_are_in_film_pixels_and_duplicates_of_one_class_suppressed(
     np.testing.assert_allclose(pyramid["boxes"], [[150, 150, 240, 240], [200, 200, 320, 320]])
 
 
+def test_box_voting_averages_the_overlapping_boxes_by_score():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 20, 20], [1, 1, 11, 11], [50, 50, 60, 60]], np.float64)
+    scores = np.array([0.6, 0.9, 0.2, 0.5])
+    # IoU with the first box: 1, 0.25 (left out at 0.5), 81/119, 0.
+    np.testing.assert_allclose(T.vote_boxes(boxes[:1], boxes, scores, 0.5), [[0.25, 0.25, 10.25, 10.25]])
+    np.testing.assert_allclose(T.vote_boxes(boxes[:1], boxes, scores, 0.2),
+                               [(0.6 * boxes[0] + 0.9 * boxes[1] + 0.2 * boxes[2]) / 1.7])
+    np.testing.assert_allclose(T.vote_boxes(boxes[3:], boxes, scores, 0.5), boxes[3:])
+    assert T.vote_boxes(np.zeros((0, 4)), boxes, scores, 0.5).shape == (0, 4)
+    with pytest.raises(ValueError, match="among the boxes"):
+        T.vote_boxes([[100, 100, 110, 110]], boxes, scores, 0.5)
+    # In the merge, per class: the suppressed duplicate of class 1 moves the kept box; class 2 votes alone.
+    det = lambda b, label, score: {"boxes": np.array([b], np.float64), "labels": np.array([label]),  # noqa: E731
+                                   "scores": np.array([score])}
+    tiles = [det([0.5, 0.5, 0.8, 0.8], 1, 0.6), det([0.53, 0.53, 0.83, 0.83], 1, 0.3), det([0.5, 0.5, 0.8, 0.8], 2, 0.5)]
+    origins = np.zeros((3, 2))
+    plain = T.merge_tiles(tiles, origins, 300, 0.45, 10)
+    voted = T.merge_tiles(tiles, origins, 300, 0.45, 10, vote_iou=0.5)
+    assert voted["labels"].tolist() == plain["labels"].tolist() == [1, 2] and voted["scores"].tolist() == [0.6, 0.5]
+    np.testing.assert_allclose(plain["boxes"], [[150, 150, 240, 240]] * 2)
+    np.testing.assert_allclose(voted["boxes"], [[153, 153, 243, 243], [150, 150, 240, 240]])
+
+
 def test_tile_settings_are_checked_and_name_their_output_folder():
     assert T.run_name("ssd_x") == "tiled_ssd_x" and T.TileConfig().suffix() == ""
     assert T.run_name("ssd_x", T.TileConfig(scales=[1, 0.5])) == "tiled_ssd_x_scales1-0.5"
     assert T.run_name("ssd_x", T.TileConfig(stride=100, min_breast=0.2)) == "tiled_ssd_x_stride100_breast0.2"
+    assert T.run_name("ssd_x", T.TileConfig(hflip=True, vote_iou=0.5)) == "tiled_ssd_x_hflip_vote0.5"
+    assert T.study_entry({"name": "ssd_x", "vote_iou": 0.5}) == ("ssd_x", T.TileConfig(vote_iou=0.5))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="vote_iou"):
+            T.TileConfig(vote_iou=bad)
     assert T.study_entry("ssd_x") == ("ssd_x", T.TileConfig())
     assert T.study_entry({"name": "ssd_x", "scales": [1, 0.5]}) == ("ssd_x", T.TileConfig(scales=(1.0, 0.5)))
     with pytest.raises(ValueError, match="needs a name"):
@@ -97,6 +126,17 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
     assert sides.tolist() == [96.0] * len(full) + [192.0] * len(half)
     np.testing.assert_array_equal(origins[len(full):], half * 2)
     assert len(T.detect_film(model, exp, anchors, image, mask, pyramid)[1]) == len(origins)
+    # With hflip the mirrored film is searched too: its tiles' boxes, merged, are the mirrored film's own
+    # search mirrored back in film pixels.
+    dets, origins, sides = T.tile_predictions(model, exp, anchors, image, mask, T.TileConfig(hflip=True))
+    mirror_dets, mirror_origins, mirror_sides = T.tile_predictions(model, exp, anchors, image[:, ::-1], mask[:, ::-1],
+                                                                   T.TileConfig())
+    half = len(full)
+    assert len(dets) == half + len(mirror_dets) and len(mirror_dets) > 0
+    back = T.merge_tiles(dets[half:], origins[half:], sides[half:], 1.0, 1000)["boxes"]
+    seen = T.merge_tiles(mirror_dets, mirror_origins, mirror_sides, 1.0, 1000)["boxes"]
+    assert len(seen) > 0
+    np.testing.assert_allclose(back, seen[:, [0, 3, 2, 1]] * [1, -1, 1, -1] + [0, 1024, 0, 1024], atol=1e-3)
     assert "error" in found[1] and "tiles" in json.loads((tmp_path / "detect" / "results.json").read_text())["note"]
     out = tmp_path / T.run_name("tiny_crops")
     metrics = T.run(crops_dir, out, command="pytest", annotations=annotations)  # stride 64: 2/3 of a tile
@@ -202,3 +242,12 @@ def test_training_goes_on_from_the_fold_model_with_mined_tiles_added(tmp_path, a
     fold_config.write_text(json.dumps({**config, "train_refnums": config["train_refnums"] + [fold.test["refnum"].iloc[0]]}))
     with pytest.raises(ConfigError, match="trained on 1 of the fold's test films"):
         D.train_experiment(exp, tmp_path / "leak", annotations=annotations)
+
+
+def test_the_command_passes_its_tile_settings_and_names_the_folder_by_them(tmp_path, monkeypatch):
+    from mammo_tf import cli
+
+    calls = []
+    monkeypatch.setattr(T, "run", lambda model, out, cfg, command=None: calls.append((Path(out), cfg)))
+    assert cli.main(["evaluate-tiled", "--model", "models/ssd_x", "--out", str(tmp_path), "--hflip", "--vote-iou", "0.5"]) == 0
+    assert calls == [(tmp_path / "tiled_ssd_x_hflip_vote0.5", T.TileConfig(hflip=True, vote_iou=0.5))]
