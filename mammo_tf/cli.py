@@ -187,18 +187,23 @@ def _command() -> str:
     return "mammo-tf " + " ".join(shlex.quote(a) for a in argv)
 
 
-def add_runs_command(sub: Any, name: str, evaluate: Callable[..., dict], help: str, models_help: str) -> None:
-    """A subcommand reading trained runs' stored outputs (``--models DIR... --out DIR``) and printing its rows."""
+def add_runs_command(sub: Any, name: str, evaluate: Callable[..., dict], help: str, models_help: str,
+                     options: dict[str, dict] | None = None) -> None:
+    """A subcommand reading trained runs' stored outputs (``--models DIR... --out DIR``, plus ``options``: keyword
+    argument of ``evaluate`` -> `add_argument` settings of its ``--flag``) and printing its rows."""
     from mammo_tf.report import format_value
 
     def run(args: argparse.Namespace) -> int:
-        for row in evaluate(args.models, args.out, command=_command())["results"]:
+        kwargs = {key: getattr(args, key) for key in options or {}}
+        for row in evaluate(args.models, args.out, command=_command(), **kwargs)["results"]:
             print(f"{row['row']}:\n" + "".join(f"  {k}: {format_value(v)}\n" for k, v in row["values"].items()), end="")
         return 0
 
     p = sub.add_parser(name, help=help)
     p.add_argument("--models", nargs="+", required=True, help=models_help)
     p.add_argument("--out", required=True)
+    for key, settings in (options or {}).items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, **settings)
     p.set_defaults(func=run)
 
 
@@ -284,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "run directories on the same patient folds (their order breaks ties)")
     add_runs_command(sub, "compare-detectors", paired_detection.evaluate,
                      "two evaluated detectors on the same test lesions: lesions found by each, exact sign test",
-                     "two detector run directories on the same test samples")
+                     "two detector run directories on the same test samples",
+                     {"min_iou": {"type": float, "help": "a lesion counts as found only when its hit box overlaps it "
+                                  "by this IoU too (e.g. 0.5, what VOC AP asks)"}})
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")

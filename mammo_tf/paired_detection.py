@@ -33,13 +33,23 @@ TABLE = "Detection: two detectors on the same test lesions, found at 1 false pos
 ALL = "all lesions"
 
 
-def load_lesions(run_dir: Path) -> pd.DataFrame:
-    """A detector run's per-lesion outcomes (ValueError where it has none: evaluate it again)."""
+def load_lesions(run_dir: Path, min_iou: float | None = None) -> pd.DataFrame:
+    """A detector run's per-lesion outcomes (ValueError where it has none: evaluate it again); with ``min_iou``,
+    ``found`` only where the lesion's hit box also overlaps it by that IoU."""
     path = Path(run_dir) / D.LESIONS_FILE
     if not path.is_file():
         raise ValueError(f"{run_dir}: no {D.LESIONS_FILE}; run `mammo-tf evaluate-detector` (or "
                          "`evaluate-detector-arrays`) on it again")
-    return pd.read_csv(path)
+    lesions = pd.read_csv(path)
+    if min_iou is None:
+        return lesions
+    if not 0.0 < min_iou <= 1.0:
+        raise ValueError(f"min_iou must be in (0, 1], got {min_iou}")
+    if "hit_iou" not in lesions:
+        raise ValueError(f"{run_dir}: its {D.LESIONS_FILE} has no hit_iou (evaluated before it was kept); "
+                         "run `mammo-tf evaluate-detector` on it again")
+    # hit_iou is empty (NaN) for a lesion not found, and NaN >= x is False.
+    return lesions.assign(found=lesions["found"].astype(bool) & (lesions["hit_iou"] >= min_iou))
 
 
 def pair_lesions(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -119,8 +129,10 @@ def compare(pairs: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, dict[st
     return out
 
 
-def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None) -> dict:
-    """Compare two evaluated detector runs lesion by lesion; write metrics.json and a figure to ``out_dir``."""
+def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None,
+             min_iou: float | None = None) -> dict:
+    """Compare two evaluated detector runs lesion by lesion (found: box centre in the lesion, and with ``min_iou``
+    its box overlapping it by that IoU too); write metrics.json and a figure to ``out_dir``."""
     from mammo_tf.plots import detection as dplots
 
     if len(run_dirs) != 2:
@@ -130,7 +142,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
     if exps[0].protocol != exps[1].protocol:
         raise ValueError(f"{dirs[0].name} is {exps[0].protocol}, {dirs[1].name} {exps[1].protocol}: "
                          "not the same test samples")
-    pairs = pair_lesions(*(load_lesions(d) for d in dirs))
+    pairs = pair_lesions(*(load_lesions(d, min_iou) for d in dirs))
     table = compare(pairs, mias.load_annotations(exps[0].data))
     names = [e.name for e in exps]
     prov = provenance(command)
@@ -141,13 +153,15 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
             "for at most 1 false positive per image; p: two-sided exact sign test over lesions (McNemar's "
             "where each lesion is seen once; a lesion in several crops counts once, for the run that finds it "
             "in more of them); q: Benjamini-Hochberg over the lesion groups (all lesions excepted); patients: "
-            "the same test with each patient one trial, won by the run that wins more of its lesions")
+            "the same test with each patient one trial, won by the run that wins more of its lesions"
+            + (f"; found: box centre in the lesion and IoU >= {min_iou:g} with it" if min_iou is not None else ""))
+    found = "found" if min_iou is None else f"boxed at IoU >= {min_iou:g}"
     common = {"table": TABLE, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
               "note": note}
     cells = [c for g in table.values() for c in g.items()]
-    results = [{**common, "row": f"{name}: found", "values": {v: f"{c[key]}/{c['n']}" for v, c in cells}}
+    results = [{**common, "row": f"{name}: {found}", "values": {v: f"{c[key]}/{c['n']}" for v, c in cells}}
                for name, key in zip(names, ("found_a", "found_b"))]
-    results.append({**common, "row": f"sign test p (lesions found more often by {names[0]} / by {names[1]})",
+    results.append({**common, "row": f"sign test p (lesions {found} more often by {names[0]} / by {names[1]})",
                     "values": {v: f"{c['p']:.3g} ({c['a_more']} / {c['b_more']})" for v, c in cells}})
     results.append({**common, "row": f"sign test q over the lesion groups (Benjamini-Hochberg; {names[0]} / {names[1]})",
                     "values": {v: f"{c['q']:.3g}" for v, c in cells if "q" in c}})
@@ -156,8 +170,9 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                     "values": {v: f"{c['p_patients']:.3g} ({c['a_more_patients']} / {c['b_more_patients']})"
                                for v, c in cells}})
     metrics = {"runs": [str(d) for d in dirs], "names": names, "protocol": exps[0].protocol, "folds": folds,
+               "min_iou": min_iou,
                "table": table, "results": results, "provenance": prov}
     out = Path(out_dir)
-    save_figure(dplots.plot_paired_lesions(table, names), out / "paired_lesions.png")
+    save_figure(dplots.plot_paired_lesions(table, names, found), out / "paired_lesions.png")
     save_json(out / "metrics.json", metrics)
     return metrics

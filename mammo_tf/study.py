@@ -154,7 +154,9 @@ def step_report(cfg: dict, out: Path) -> dict:
         for group in cfg.get(key, []):
             runs = [models / name for name in group["runs"]]
             if all((run / "metrics.json").is_file() for run in runs):
-                module.evaluate(runs, models / group["name"], command=f"study step report ({key} {group['name']})")
+                settings = {k: v for k, v in group.items() if k not in ("name", "runs")}  # e.g. a pair's min_iou
+                module.evaluate(runs, models / group["name"], command=f"study step report ({key} {group['name']})",
+                                **settings)
     path = report.write_report(models)
     print(report.build_tables(report.collect_rows(models)), flush=True)
     return {"report": str(path)}

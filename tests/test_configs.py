@@ -45,6 +45,10 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     for group in cfg.get("ensembles", []) + cfg.get("selections", []) + cfg.get("paired_detectors", []):
         assert len(group["runs"]) >= 2 and set(group["runs"]) <= runs and group["name"] not in runs
     assert all(len(group["runs"]) == 2 for group in cfg.get("paired_detectors", []))
+    # A group's other settings are keyword arguments of its step (`study.step_report`): only a pair's min_iou.
+    for key in ("ensembles", "selections", "paired_detectors"):
+        allowed = {"name", "runs"} | ({"min_iou"} if key == "paired_detectors" else set())
+        assert all(set(group) <= allowed for group in cfg.get(key, [])), key
 
 
 def test_every_committed_training_config_is_in_the_full_setting():

@@ -114,6 +114,36 @@ def test_evaluate_tables_both_runs_per_group_with_the_paired_test(tmp_path, anno
         PD.evaluate([first], tmp_path / "z")
 
 
+def test_with_min_iou_a_lesion_counts_only_when_its_hit_box_overlaps_it_enough(tmp_path, annotations):
+    films = {0: ["mdb001", "mdb005", "mdb010", "mdb012"]}
+    found = {"mdb001": True, "mdb005": True, "mdb010": True}
+    a = _lesions(annotations, films, found=found)
+    # mdb001's box fits (IoU 0.7), mdb005's is too loose (0.3); mdb010's hits exactly at the bar.
+    iou = {"mdb001": 0.7, "mdb005": 0.3, "mdb010": 0.5}
+    a["hit_iou"] = a["refnum"].map(iou)
+    b = a.assign(hit_iou=a["hit_iou"].where(a["refnum"] != "mdb005", 0.9))
+    first, second = _run(tmp_path, "first", "whole", a), _run(tmp_path, "second", "whole", b)
+    assert PD.load_lesions(first, 0.5).groupby("refnum")["found"].first().to_dict() == {
+        "mdb001": True, "mdb005": False, "mdb010": True, "mdb012": False}
+    plain = PD.evaluate([first, second], tmp_path / "plain")["table"][PD.ALL][PD.ALL]
+    boxed = PD.evaluate([first, second], tmp_path / "boxed", min_iou=0.5)
+    every = boxed["table"][PD.ALL][PD.ALL]
+    assert (plain["only_a"], plain["only_b"]) == (0, 0)
+    n005 = int((a["refnum"] == "mdb005").sum())
+    assert (every["only_a"], every["only_b"], every["found_b"] - every["found_a"]) == (0, n005, n005)
+    assert boxed["min_iou"] == 0.5 and boxed["results"][0]["row"] == "first: boxed at IoU >= 0.5"
+    assert "IoU >= 0.5 with it" in boxed["results"][0]["note"]
+    from mammo_tf import cli
+
+    assert cli.main(["compare-detectors", "--models", str(first), str(second), "--out", str(tmp_path / "cli"),
+                     "--min-iou", "0.5"]) == 0
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["table"][PD.ALL][PD.ALL] == every
+    with pytest.raises(ValueError, match="no hit_iou"):
+        PD.evaluate([first, _run(tmp_path, "old", "whole", a.drop(columns="hit_iou"))], tmp_path / "x", min_iou=0.5)
+    with pytest.raises(ValueError, match="min_iou"):
+        PD.load_lesions(first, 1.5)
+
+
 def test_lesion_numbers_count_within_each_film_and_survive_filtering(annotations):
     numbers = D.lesion_numbers(annotations)
     located = annotations[annotations["has_location"]]

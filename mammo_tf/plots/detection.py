@@ -273,8 +273,10 @@ def plot_lesions_found(table: Mapping[str, Mapping[str, Mapping[str, Any]]], tit
         f"{title}: which lesions are found (test folds pooled)" if title else "Which lesions are found", 4.2, 1.0)
 
 
-def plot_paired_lesions(table: Mapping[str, Mapping[str, Mapping[str, Any]]], names: Sequence[str]) -> Figure:
-    """Share of the same lesions two detectors find, per lesion grouping, with the sign test's p above each pair."""
+def plot_paired_lesions(table: Mapping[str, Mapping[str, Mapping[str, Any]]], names: Sequence[str],
+                        found: str = "found") -> Figure:
+    """Share of the same lesions two detectors find (``found``: what counts, e.g. "boxed at IoU >= 0.5"), per lesion
+    grouping, with the sign test's p above each pair."""
     def draw(ax: Any, cells: Mapping[str, Mapping[str, Any]], labels: list[str], xs: np.ndarray) -> None:
         for shift, key, color, name in ((-0.2, "found_a", "C0", names[0]), (0.2, "found_b", "C1", names[1])):
             ax.bar(xs + shift, [cells[v][key] / cells[v]["n"] for v in labels], 0.4, color=color, label=name)
@@ -286,9 +288,9 @@ def plot_paired_lesions(table: Mapping[str, Mapping[str, Mapping[str, Any]]], na
                     fontsize=6)
 
     return _lesion_group_panels(
-        table, draw, "share of the same lesions found at 1 FP per image",
+        table, draw, f"share of the same lesions {found} at 1 FP per image",
         "Same test lesions, two detectors (p: exact sign test over lesions, q: Benjamini-Hochberg over the groups; "
-        "found more often by: first/second)",
+        f"{found} more often by: first/second)",
         3.6, 1.15)
 
 
