@@ -166,7 +166,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
     results.append({**common, "row": f"sign test q over the lesion groups (Benjamini-Hochberg; {names[0]} / {names[1]})",
                     "values": {v: f"{c['q']:.3g}" for v, c in cells if "q" in c}})
     results.append({**common, "row": f"sign test over patients p (patients whose lesions {names[0]} / {names[1]} "
-                                     "finds more often)",
+                                     + ("finds more often)" if min_iou is None else f"boxes at IoU >= {min_iou:g} more often)"),
                     "values": {v: f"{c['p_patients']:.3g} ({c['a_more_patients']} / {c['b_more_patients']})"
                                for v, c in cells}})
     metrics = {"runs": [str(d) for d in dirs], "names": names, "protocol": exps[0].protocol, "folds": folds,
