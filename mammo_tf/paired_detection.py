@@ -30,6 +30,7 @@ from mammo_tf.data import mias
 from mammo_tf.io import load_json, save_figure, save_json
 
 TABLE = "Detection: two detectors on the same test lesions, found at 1 false positive per image (paired)"
+BOXED_TABLE = "Detection: two detectors on the same test lesions, boxed at IoU >= {:g} at 1 false positive per image (paired)"
 ALL = "all lesions"
 
 
@@ -156,7 +157,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
             "the same test with each patient one trial, won by the run that wins more of its lesions"
             + (f"; found: box centre in the lesion and IoU >= {min_iou:g} with it" if min_iou is not None else ""))
     found = "found" if min_iou is None else f"boxed at IoU >= {min_iou:g}"
-    common = {"table": TABLE, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
+    common = {"table": TABLE if min_iou is None else BOXED_TABLE.format(min_iou), "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
               "note": note}
     cells = [c for g in table.values() for c in g.items()]
     results = [{**common, "row": f"{name}: {found}", "values": {v: f"{c[key]}/{c['n']}" for v, c in cells}}

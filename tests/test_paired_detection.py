@@ -132,6 +132,8 @@ def test_with_min_iou_a_lesion_counts_only_when_its_hit_box_overlaps_it_enough(t
     n005 = int((a["refnum"] == "mdb005").sum())
     assert (every["only_a"], every["only_b"], every["found_b"] - every["found_a"]) == (0, n005, n005)
     assert boxed["min_iou"] == 0.5 and boxed["results"][0]["row"] == "first: boxed at IoU >= 0.5"
+    assert {r["table"] for r in boxed["results"]} == {
+        "Detection: two detectors on the same test lesions, boxed at IoU >= 0.5 at 1 false positive per image (paired)"}
     assert "IoU >= 0.5 with it" in boxed["results"][0]["note"]
     from mammo_tf import cli
 
