@@ -157,7 +157,8 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
             "the same test with each patient one trial, won by the run that wins more of its lesions"
             + (f"; found: box centre in the lesion and IoU >= {min_iou:g} with it" if min_iou is not None else ""))
     found = "found" if min_iou is None else f"boxed at IoU >= {min_iou:g}"
-    common = {"table": TABLE if min_iou is None else BOXED_TABLE.format(min_iou), "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
+    title = TABLE if min_iou is None else BOXED_TABLE.format(min_iou)
+    common = {"table": title, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
               "note": note}
     cells = [c for g in table.values() for c in g.items()]
     results = [{**common, "row": f"{name}: {found}", "values": {v: f"{c[key]}/{c['n']}" for v, c in cells}}
@@ -166,8 +167,9 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                     "values": {v: f"{c['p']:.3g} ({c['a_more']} / {c['b_more']})" for v, c in cells}})
     results.append({**common, "row": f"sign test q over the lesion groups (Benjamini-Hochberg; {names[0]} / {names[1]})",
                     "values": {v: f"{c['q']:.3g}" for v, c in cells if "q" in c}})
+    finds = "finds" if min_iou is None else f"boxes at IoU >= {min_iou:g}"
     results.append({**common, "row": f"sign test over patients p (patients whose lesions {names[0]} / {names[1]} "
-                                     + ("finds more often)" if min_iou is None else f"boxes at IoU >= {min_iou:g} more often)"),
+                                     f"{finds} more often)",
                     "values": {v: f"{c['p_patients']:.3g} ({c['a_more_patients']} / {c['b_more_patients']})"
                                for v, c in cells}})
     metrics = {"runs": [str(d) for d in dirs], "names": names, "protocol": exps[0].protocol, "folds": folds,

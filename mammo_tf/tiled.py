@@ -255,7 +255,8 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
     scales = " and ".join("full" if x == 1 else f"{x:g}x" for x in cfg.scales)
     row = (f"SSD{crops_exp.image_size} {crops_exp.ssd_config().backbone} trained on crops ({crops_exp.name}), "
            f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at {scales} resolution"
-           + (", mirrored film too" if cfg.hflip else "") + (f", box voting at IoU {cfg.vote_iou:g}" if cfg.vote_iou else ""))
+           + (", mirrored film too" if cfg.hflip else "")
+           + (f", box voting at IoU {cfg.vote_iou:g}" if cfg.vote_iou is not None else ""))
     return D.evaluate_experiment(exp, out, command=command, samples=samples, annotations=ann, detections=detections,
                                  training_info=info, trained_by=prov.get("trained_by", prov) or None, row_name=row,
                                  figure_label="tiled SSD", protocol_note=TILED_NOTE)
