@@ -125,7 +125,7 @@ def cmd_evaluate_tiled(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     cfg = tiled.TileConfig(stride=args.stride, min_breast=args.min_breast, scales=tuple(args.scales), hflip=args.hflip,
-                           vote_iou=args.vote_iou)
+                           vote_iou=args.vote_iou, partners=tuple(args.partners))
     tiled.run(model_dir, Path(args.out) / tiled.run_name(model_dir.name, cfg), cfg, command=_command())
     return 0
 
@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hflip", action="store_true", help="search the mirrored film too (test-time augmentation)")
     p.add_argument("--vote-iou", type=float, help="box voting: kept boxes take the score-weighted mean of the "
                    "same-class boxes overlapping them by this IoU (e.g. 0.5)")
+    p.add_argument("--with", dest="partners", nargs="+", default=[], metavar="RUN",
+                   help="an ensemble: crops runs beside --model whose fold models search the same tiles, their boxes "
+                   "pooled with its own before the merge")
     p.set_defaults(func=cmd_evaluate_tiled)
     p = sub.add_parser("export-detector-arrays", help=cmd_export_detector_arrays.__doc__)
     p.add_argument("--config", required=True)

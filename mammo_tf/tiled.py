@@ -14,7 +14,7 @@ import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -35,6 +35,9 @@ class TileConfig:
     # Box voting (Gidaris & Komodakis, 2015): each box kept by the merge's NMS takes the score-weighted mean
     # corners of the same-class boxes overlapping it by IoU >= this; None: the kept box as it is.
     vote_iou: float | None = None
+    # An ensemble: other crops runs (folders beside the main one) whose fold models search the same tiles, their
+    # boxes pooled with the main model's before the merge (and the vote), so that their errors can average out.
+    partners: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.stride is not None and self.stride < 1:
@@ -46,6 +49,9 @@ class TileConfig:
             raise ValueError(f"scales must be distinct film scales in (0, 1], got {list(self.scales)}")
         if self.vote_iou is not None and not 0.0 < self.vote_iou <= 1.0:
             raise ValueError(f"vote_iou must be in (0, 1] or None, got {self.vote_iou}")
+        object.__setattr__(self, "partners", (self.partners,) if isinstance(self.partners, str) else tuple(self.partners))
+        if len(set(self.partners)) != len(self.partners) or not all(isinstance(x, str) and x for x in self.partners):
+            raise ValueError(f"partners must be distinct run names, got {list(self.partners)}")
 
     def suffix(self) -> str:
         """What sets this search apart from the default one, for its output folder's name ('' for the default)."""
@@ -53,7 +59,8 @@ class TileConfig:
         parts = ([f"stride{self.stride}"] if self.stride != default.stride else []) + (
             [f"breast{self.min_breast:g}"] if self.min_breast != default.min_breast else []) + (
             ["scales" + "-".join(f"{x:g}" for x in self.scales)] if self.scales != default.scales else []) + (
-            ["hflip"] if self.hflip else []) + ([f"vote{self.vote_iou:g}"] if self.vote_iou is not None else [])
+            ["hflip"] if self.hflip else []) + ([f"vote{self.vote_iou:g}"] if self.vote_iou is not None else []) + (
+            [f"plus_{x}" for x in self.partners])
         return "".join(f"_{x}" for x in parts)
 
     def stride_for(self, size: int) -> int:
@@ -171,11 +178,14 @@ def tile_predictions(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, m
 
 
 def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: np.ndarray, cfg: TileConfig,
-                batch_size: int = 16) -> tuple[dict, np.ndarray]:
+                batch_size: int = 16, partners: Sequence[tuple[Any, Any, Any]] = ()) -> tuple[dict, np.ndarray]:
     """(detections in film pixels, ``[top, left]`` in film pixels of each tile searched) of a crops-trained detector
-    over a film's breast."""
-    dets, origins, sides = tile_predictions(model, exp, anchor_cfg, image, mask, cfg, batch_size)
-    return merge_tiles(dets, origins, sides, exp.nms_iou_threshold, exp.max_total, cfg.vote_iou), origins
+    over a film's breast, pooled before the merge with those of each ``(model, exp, anchor_cfg)`` in ``partners``."""
+    found = [tile_predictions(m, e, a, image, mask, cfg, batch_size) for m, e, a in [(model, exp, anchor_cfg), *partners]]
+    dets = [d for f in found for d in f[0]]
+    origins, sides = np.concatenate([f[1] for f in found]), np.concatenate([f[2] for f in found])
+    merged = merge_tiles(dets, origins, sides, exp.nms_iou_threshold, exp.max_total, cfg.vote_iou)
+    return merged, found[0][1]
 
 
 def tiled_detections(crops_dir: str | Path, samples: Any, cfg: TileConfig,
@@ -186,23 +196,27 @@ def tiled_detections(crops_dir: str | Path, samples: Any, cfg: TileConfig,
     from mammo_tf import detector as D
 
     info: dict[int, dict] = {}
+    crops_dir = Path(crops_dir)
 
     def detections(fold: Any) -> dict[str, list[dict]]:
-        fold_dir = Path(crops_dir) / "folds" / f"fold{fold.index}"
-        model, crops_exp, anchors = D.load_detector(fold_dir)
-        D.check_unseen(fold_dir, fold)
+        fold_dirs = [crops_dir.parent / name / "folds" / f"fold{fold.index}" for name in (crops_dir.name, *cfg.partners)]
+        for fold_dir in fold_dirs:
+            D.check_unseen(fold_dir, fold)
+        (model, crops_exp, anchors), *partners = [D.load_detector(d) for d in fold_dirs]
         t0, n_tiles, out = time.perf_counter(), {}, {}
         bar = keras.utils.Progbar(len(fold.test) + len(fold.train), unit_name="film")
         for split, records in (("test", fold.test), ("train", fold.train)):
             found = []
             for refnum in records["refnum"]:
-                det, origins = detect_film(model, crops_exp, anchors, films.image(refnum), films.mask(refnum), cfg)
+                det, origins = detect_film(model, crops_exp, anchors, films.image(refnum), films.mask(refnum), cfg,
+                                           partners=partners)
                 n_tiles[split] = n_tiles.get(split, 0) + len(origins)
                 transform = samples.transforms[refnum]
                 found.append({**det, "boxes": transform.to_prepared(det["boxes"]) / transform.size})
                 bar.add(1)
             out[split] = found
-        info[fold.index] = {"seconds": time.perf_counter() - t0, "detector": Path(crops_dir).as_posix(),
+        info[fold.index] = {"seconds": time.perf_counter() - t0, "detector": crops_dir.as_posix(),
+                            **({"partners": [(crops_dir.parent / x).as_posix() for x in cfg.partners]} if cfg.partners else {}),
                             "tiles_per_test_film": n_tiles["test"] / len(fold.test),
                             "tiles_per_train_film": n_tiles["train"] / len(fold.train)}
         return out
@@ -239,10 +253,14 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
 
     crops_dir, out = Path(crops_dir), Path(out_dir)
     prov = load_json(crops_dir / "metrics.json").get("provenance", {}) if (crops_dir / "metrics.json").is_file() else {}
-    crops_exp = from_dict(D.DetectorExperiment, load_json(crops_dir / D.CONFIG_FILE)["experiment"])
-    if crops_exp.protocol != "crops" or crops_exp.naive_split:
-        raise ConfigError(f"{crops_dir}: tiles need a detector trained on patient-split crops "
-                          f"(protocol {crops_exp.protocol!r}, naive_split {crops_exp.naive_split})")
+    if crops_dir.name in cfg.partners:
+        raise ConfigError(f"{crops_dir}: a run cannot be its own ensemble partner")
+    run_dirs = [crops_dir, *(crops_dir.parent / x for x in cfg.partners)]
+    crops_exp, *_ = run_exps = [from_dict(D.DetectorExperiment, load_json(d / D.CONFIG_FILE)["experiment"]) for d in run_dirs]
+    for run_dir, run_exp in zip(run_dirs, run_exps):
+        if run_exp.protocol != "crops" or run_exp.naive_split:
+            raise ConfigError(f"{run_dir}: tiles need a detector trained on patient-split crops "
+                              f"(protocol {run_exp.protocol!r}, naive_split {run_exp.naive_split})")
     # The same patient folds and whole-film test samples as every whole-film detector.
     exp = dataclasses.replace(crops_exp, name=run_name(crops_exp.name, cfg), protocol="whole", max_shift=0, max_zoom_out=1.0,
                               init_from=None, hard_negative_tiles=0)  # how the crops model trained: crops_dir's config
@@ -256,7 +274,8 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
     row = (f"SSD{crops_exp.image_size} {crops_exp.ssd_config().backbone} trained on crops ({crops_exp.name}), "
            f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at {scales} resolution"
            + (", mirrored film too" if cfg.hflip else "")
-           + (f", box voting at IoU {cfg.vote_iou:g}" if cfg.vote_iou is not None else ""))
+           + (f", box voting at IoU {cfg.vote_iou:g}" if cfg.vote_iou is not None else "")
+           + "".join(f", boxes pooled with those of {x}" for x in cfg.partners))
     return D.evaluate_experiment(exp, out, command=command, samples=samples, annotations=ann, detections=detections,
                                  training_info=info, trained_by=prov.get("trained_by", prov) or None, row_name=row,
                                  figure_label="tiled SSD", protocol_note=TILED_NOTE)

@@ -38,7 +38,7 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     # The tiled search uses crops detectors of this setting.
     crops = {e.name for e in map(detector.load_experiment, (ROOT / p for p in cfg["detector"])) if e.protocol == "crops"}
     tiled_runs = [tiled.study_entry(e) for e in cfg.get("tiled_detectors", [])]
-    assert {n for n, _ in tiled_runs} <= crops
+    assert {n for n, _ in tiled_runs} | {x for _, t in tiled_runs for x in t.partners} <= crops
     runs = set(names) | {candidates.run_name(n) for n in cfg.get("detector_baselines", [])}
     runs |= {tiled.run_name(n, t) for n, t in tiled_runs}
     # Runs of this setting, at least two (exactly two for a paired comparison).

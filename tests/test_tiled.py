@@ -93,6 +93,12 @@ def test_tile_settings_are_checked_and_name_their_output_folder():
         with pytest.raises(ValueError, match="vote_iou"):
             T.TileConfig(vote_iou=bad)
     assert T.study_entry("ssd_x") == ("ssd_x", T.TileConfig())
+    # An ensemble names its partner runs after the tile settings.
+    assert T.run_name("ssd_x", T.TileConfig(vote_iou=0.5, partners="ssd_y")) == "tiled_ssd_x_vote0.5_plus_ssd_y"
+    assert T.study_entry({"name": "ssd_x", "partners": ["ssd_y", "ssd_z"]})[1].partners == ("ssd_y", "ssd_z")
+    for bad in (("ssd_y", "ssd_y"), ("",)):
+        with pytest.raises(ValueError, match="partners"):
+            T.TileConfig(partners=bad)
     assert T.study_entry({"name": "ssd_x", "scales": [1, 0.5]}) == ("ssd_x", T.TileConfig(scales=(1.0, 0.5)))
     with pytest.raises(ValueError, match="needs a name"):
         T.study_entry({"name": "ssd_x", "scale": [1, 0.5]})
@@ -106,7 +112,7 @@ TINY_CROPS = dict(name="tiny_crops", protocol="crops", image_size=96, ssd={"back
                   folds=2, max_folds=1, max_patients=6, val_fraction=0.3, n_examples=2, seed=0)
 
 
-def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotations, film_and_broken_png):
+def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotations, film_and_broken_png, monkeypatch):
     crops_dir = tmp_path / "tiny_crops"
     # Trained with the crops-only augmentations (re-cuts, zoom out), which the whole-film search leaves out.
     D.run_experiment(D.DetectorExperiment(**{**TINY_CROPS, "max_shift": 10, "max_zoom_out": 1.5}), crops_dir, command="pytest")
@@ -157,10 +163,37 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
     assert json.dumps(D.refresh_rows(out)) == json.dumps(metrics["results"])
     with pytest.raises(ConfigError, match="patient-split crops"):
         T.run(out, tmp_path / "again", command="pytest", annotations=annotations)
+    # An ensemble pools a partner's tile boxes with the model's own before the merge. With the same model as its
+    # partner, the merge gets every tile twice, and its NMS leaves what the model finds alone.
+    import shutil
+
+    merge_tiles, merged = T.merge_tiles, []
+    monkeypatch.setattr(T, "merge_tiles", lambda *args: merged.append(args) or merge_tiles(*args))
+    alone = T.detect_film(model, exp, anchors, image, mask, T.TileConfig(vote_iou=0.5))[0]
+    pooled = T.detect_film(model, exp, anchors, image, mask, T.TileConfig(vote_iou=0.5), partners=[(model, exp, anchors)])[0]
+    (dets, origins, sides, *settings), (pooled_dets, pooled_origins, pooled_sides, *pooled_settings) = merged
+    assert len(pooled_dets) == 2 * len(dets) > 0 and pooled_settings == settings
+    for d, p in zip(pooled_dets, dets + dets):
+        for key in ("boxes", "labels", "scores"):
+            np.testing.assert_array_equal(d[key], p[key])
+    np.testing.assert_array_equal(pooled_origins, np.concatenate([origins, origins]))
+    np.testing.assert_array_equal(pooled_sides, np.concatenate([sides, sides]))
+    np.testing.assert_allclose(pooled["boxes"], alone["boxes"], atol=1e-6)
+    with pytest.raises(ConfigError, match="own ensemble partner"):
+        T.run(crops_dir, tmp_path / "self", T.TileConfig(partners=("tiny_crops",)), command="pytest", annotations=annotations)
+    with pytest.raises(ConfigError, match="patient-split crops"):
+        T.run(crops_dir, tmp_path / "whole", T.TileConfig(partners=(out.name,)), command="pytest", annotations=annotations)
+    # A partner's fold model that trained on one of the fold's test films is refused like the model's own.
+    shutil.copytree(crops_dir, tmp_path / "tiny_copy")
+    seen = sorted(test_films - set(metrics["excluded_films"]))[:1]
+    copy_config = tmp_path / "tiny_copy" / "folds" / "fold0" / D.CONFIG_FILE
+    copied = json.loads(copy_config.read_text())
+    copy_config.write_text(json.dumps({**copied, "train_refnums": copied["train_refnums"] + seen}))
+    with pytest.raises(ConfigError, match="tiny_copy.*trained on 1 of the fold's test films"):
+        T.run(crops_dir, tmp_path / "ens", T.TileConfig(partners=("tiny_copy",)), command="pytest", annotations=annotations)
     # A fold model that trained on one of the fold's test films is refused.
     fold_config = crops_dir / "folds" / "fold0" / D.CONFIG_FILE
     config = json.loads(fold_config.read_text())
-    seen = sorted(test_films - set(metrics["excluded_films"]))[:1]
     fold_config.write_text(json.dumps({**config, "train_refnums": config["train_refnums"] + seen}))
     with pytest.raises(ConfigError, match="trained on 1 of the fold's test films"):
         T.run(crops_dir, tmp_path / "leak", command="pytest", annotations=annotations)
@@ -251,3 +284,5 @@ def test_the_command_passes_its_tile_settings_and_names_the_folder_by_them(tmp_p
     monkeypatch.setattr(T, "run", lambda model, out, cfg, command=None: calls.append((Path(out), cfg)))
     assert cli.main(["evaluate-tiled", "--model", "models/ssd_x", "--out", str(tmp_path), "--hflip", "--vote-iou", "0.5"]) == 0
     assert calls == [(tmp_path / "tiled_ssd_x_hflip_vote0.5", T.TileConfig(hflip=True, vote_iou=0.5))]
+    assert cli.main(["evaluate-tiled", "--model", "models/ssd_x", "--out", str(tmp_path), "--with", "ssd_y"]) == 0
+    assert calls[-1] == (tmp_path / "tiled_ssd_x_plus_ssd_y", T.TileConfig(partners=("ssd_y",)))
