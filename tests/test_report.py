@@ -54,3 +54,23 @@ def test_a_fact_reported_twice_is_listed_once_but_rows_with_other_notes_are_kept
     other = dict(row, note="folds 0, 1, 2", model="models/z")
     lines = [line for line in report.build_tables([row, again, other]).splitlines() if line.startswith("| same")]
     assert lines == ["| same | 1.000 | folds 0, 1 |", "| same | 1.000 | folds 0, 1, 2 |"]
+
+
+def test_the_report_step_passes_a_groups_own_settings_to_its_step_once_its_runs_are_there(tmp_path, monkeypatch):
+    from mammo_tf import ensemble, paired_detection, study
+
+    models = tmp_path / "models"
+    for name in ("a", "b"):
+        save_json(models / name / "metrics.json", {})
+    calls = []
+    for module in (ensemble, paired_detection):
+        monkeypatch.setattr(module, "evaluate", lambda runs, out, command, _m=module.__name__, **kw:
+                            calls.append((_m, [r.name for r in runs], out.name, kw)))
+    monkeypatch.setattr(report, "write_report", lambda models: models / "REPORT.md")
+    monkeypatch.setattr(report, "collect_rows", lambda models: [])
+    cfg = {"paired_detectors": [{"name": "p", "runs": ["a", "b"], "min_iou": 0.5}, {"name": "q", "runs": ["a", "b"]}],
+           "ensembles": [{"name": "e", "runs": ["a", "missing"]}]}
+    assert study.step_report(cfg, tmp_path) == {"report": str(models / "REPORT.md")}
+    # The ensemble waits for its missing run; each pair gets its own settings, and only those.
+    assert calls == [("mammo_tf.paired_detection", ["a", "b"], "p", {"min_iou": 0.5}),
+                     ("mammo_tf.paired_detection", ["a", "b"], "q", {})]
