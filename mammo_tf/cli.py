@@ -125,7 +125,8 @@ def cmd_evaluate_tiled(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     cfg = tiled.TileConfig(stride=args.stride, min_breast=args.min_breast, scales=tuple(args.scales), hflip=args.hflip,
-                           vote_iou=args.vote_iou, partners=tuple(args.partners))
+                           vote_iou=args.vote_iou, partners=tuple(args.partners),
+                           agreement=args.agreement)
     tiled.run(model_dir, Path(args.out) / tiled.run_name(model_dir.name, cfg), cfg, command=_command())
     return 0
 
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with", dest="partners", nargs="+", default=[], metavar="RUN",
                    help="an ensemble: crops runs beside --model whose fold models search the same tiles, their boxes "
                    "pooled with its own before the merge")
+    p.add_argument("--agreement", action="store_true", help="with --with and --vote-iou: each kept box's score "
+                   "scaled by the share of the models voting for it (as in weighted boxes fusion)")
     p.set_defaults(func=cmd_evaluate_tiled)
     p = sub.add_parser("export-detector-arrays", help=cmd_export_detector_arrays.__doc__)
     p.add_argument("--config", required=True)

@@ -38,6 +38,10 @@ class TileConfig:
     # An ensemble: other crops runs (folders beside the main one) whose fold models search the same tiles, their
     # boxes pooled with the main model's before the merge (and the vote), so that their errors can average out.
     partners: tuple[str, ...] = ()
+    # With partners and voting, as in weighted boxes fusion (Solovyev et al., 2021): each kept box's score scaled by
+    # the share of the models with a same-class box overlapping it by vote_iou, so that one model's false
+    # positives rank below what the models agree on.
+    agreement: bool = False
 
     def __post_init__(self) -> None:
         if self.stride is not None and self.stride < 1:
@@ -52,6 +56,8 @@ class TileConfig:
         object.__setattr__(self, "partners", (self.partners,) if isinstance(self.partners, str) else tuple(self.partners))
         if len(set(self.partners)) != len(self.partners) or not all(isinstance(x, str) and x for x in self.partners):
             raise ValueError(f"partners must be distinct run names, got {list(self.partners)}")
+        if self.agreement and (not self.partners or self.vote_iou is None):
+            raise ValueError("agreement scores the models' votes: it needs partners and vote_iou")
 
     def suffix(self) -> str:
         """What sets this search apart from the default one, for its output folder's name ('' for the default)."""
@@ -60,7 +66,7 @@ class TileConfig:
             [f"breast{self.min_breast:g}"] if self.min_breast != default.min_breast else []) + (
             ["scales" + "-".join(f"{x:g}" for x in self.scales)] if self.scales != default.scales else []) + (
             ["hflip"] if self.hflip else []) + ([f"vote{self.vote_iou:g}"] if self.vote_iou is not None else []) + (
-            [f"plus_{x}" for x in self.partners])
+            [f"plus_{x}" for x in self.partners]) + (["agree"] if self.agreement else [])
         return "".join(f"_{x}" for x in parts)
 
     def stride_for(self, size: int) -> int:
@@ -112,12 +118,16 @@ def vote_boxes(kept: np.ndarray, boxes: np.ndarray, scores: np.ndarray, iou: flo
 
 
 def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: float | np.ndarray, nms_iou: float,
-                max_total: int, vote_iou: float | None = None) -> dict:
+                max_total: int, vote_iou: float | None = None, sources: np.ndarray | None = None) -> dict:
     """One film's detections in film pixels: tile boxes scaled to their tile's side in film pixels (``size``, one or
-    per tile) and moved to its origin, per-class NMS (and box voting at ``vote_iou``), the best ``max_total``."""
+    per tile) and moved to its origin, per-class NMS (and box voting at ``vote_iou``), the best ``max_total``. With
+    ``sources`` (the model of each tile, 0..n-1) each kept box's score is scaled by the share of models voting for it."""
     from mammo_tf.boxes import suppress_across_classes
+    from mammo_tf.metrics.detection import iou_matrix
 
-    boxes, labels, scores = np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0)
+    if sources is not None and vote_iou is None:
+        raise ValueError("merge_tiles: sources count the models' votes, so they need vote_iou")
+    boxes, labels, scores, box_sources = np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
     if tile_detections:
         origins = np.asarray(origins, np.float64).reshape(-1, 2)
         sides = np.broadcast_to(np.asarray(size, np.float64), (len(origins),))
@@ -125,16 +135,26 @@ def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: float | 
                                 for d, o, side in zip(tile_detections, origins, sides)])
         labels = np.concatenate([np.asarray(d["labels"], np.int64) for d in tile_detections])
         scores = np.concatenate([np.asarray(d["scores"], np.float64) for d in tile_detections])
+        if sources is not None:
+            box_sources = np.repeat(np.asarray(sources, np.int64), [len(d["scores"]) for d in tile_detections])
     # A lesion seen by overlapping tiles is one detection per class, as within a tile.
     keep = [np.flatnonzero(labels == c)[suppress_across_classes(boxes[labels == c], scores[labels == c], nms_iou)]
             for c in np.unique(labels)]
     keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
-    keep = keep[np.argsort(-scores[keep], kind="stable")][:max_total]
-    kept = boxes[keep].copy()
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    if sources is None:  # the scores keep their order: only the best max_total need a vote
+        keep = keep[:max_total]
+    kept, kept_scores = boxes[keep].copy(), scores[keep].copy()
     for c in np.unique(labels[keep]) if vote_iou is not None else ():
-        mine = labels[keep] == c
-        kept[mine] = vote_boxes(kept[mine], boxes[labels == c], scores[labels == c], vote_iou)
-    return {"boxes": kept, "labels": labels[keep], "scores": scores[keep]}
+        mine, same = labels[keep] == c, labels == c
+        kept[mine] = vote_boxes(kept[mine], boxes[same], scores[same], vote_iou)
+        if sources is not None:
+            voters = iou_matrix(boxes[keep][mine], boxes[same]) >= vote_iou
+            models = np.unique(sources)
+            share = sum((voters & (box_sources[same] == m)).any(axis=1) for m in models) / len(models)
+            kept_scores[mine] *= share
+    order = np.argsort(-kept_scores, kind="stable")[:max_total]
+    return {"boxes": kept[order], "labels": labels[keep][order], "scores": kept_scores[order]}
 
 
 def _scaled(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +204,8 @@ def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: 
     found = [tile_predictions(m, e, a, image, mask, cfg, batch_size) for m, e, a in [(model, exp, anchor_cfg), *partners]]
     dets = [d for f in found for d in f[0]]
     origins, sides = np.concatenate([f[1] for f in found]), np.concatenate([f[2] for f in found])
-    merged = merge_tiles(dets, origins, sides, exp.nms_iou_threshold, exp.max_total, cfg.vote_iou)
+    sources = np.concatenate([np.full(len(f[0]), i) for i, f in enumerate(found)]) if cfg.agreement else None
+    merged = merge_tiles(dets, origins, sides, exp.nms_iou_threshold, exp.max_total, cfg.vote_iou, sources)
     return merged, found[0][1]
 
 
@@ -275,7 +296,8 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
            f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at {scales} resolution"
            + (", mirrored film too" if cfg.hflip else "")
            + (f", box voting at IoU {cfg.vote_iou:g}" if cfg.vote_iou is not None else "")
-           + "".join(f", boxes pooled with those of {x}" for x in cfg.partners))
+           + "".join(f", boxes pooled with those of {x}" for x in cfg.partners)
+           + (", scores scaled by the models' agreement" if cfg.agreement else ""))
     return D.evaluate_experiment(exp, out, command=command, samples=samples, annotations=ann, detections=detections,
                                  training_info=info, trained_by=prov.get("trained_by", prov) or None, row_name=row,
                                  figure_label="tiled SSD", protocol_note=TILED_NOTE)

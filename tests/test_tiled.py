@@ -83,6 +83,24 @@ def test_box_voting_averages_the_overlapping_boxes_by_score():
     np.testing.assert_allclose(voted["boxes"], [[153, 153, 243, 243], [150, 150, 240, 240]])
 
 
+def test_the_models_agreement_scales_the_scores_of_the_boxes_they_vote_for():
+    box = lambda *c: np.array([c], float) / 300  # noqa: E731 - one box in a 300 px tile, normalised
+    det = lambda b, s: {"boxes": b, "labels": np.array([1]), "scores": np.array([s])}  # noqa: E731
+    # Model 0 finds a lesion (0.9) and a false positive (0.95); model 1, in the same tile, the lesion alone (0.6).
+    tiles = [det(box(10, 10, 50, 50), 0.9), det(box(200, 200, 240, 240), 0.95), det(box(12, 12, 52, 52), 0.6)]
+    origins = np.zeros((3, 2))
+    pooled = T.merge_tiles(tiles, origins, 300, 0.45, 10, vote_iou=0.5)
+    np.testing.assert_allclose(pooled["scores"], [0.95, 0.9])
+    agreed = T.merge_tiles(tiles, origins, 300, 0.45, 10, vote_iou=0.5, sources=np.array([0, 0, 1]))
+    # The lesion keeps 0.9 (both models), the false positive halves (one of two) and drops below it.
+    np.testing.assert_allclose(agreed["scores"], [0.9, 0.475])
+    np.testing.assert_allclose(agreed["boxes"], [[(0.9 * 10 + 0.6 * 12) / 1.5] * 2 + [(0.9 * 50 + 0.6 * 52) / 1.5] * 2,
+                                                 [200, 200, 240, 240]])
+    assert len(T.merge_tiles(tiles, origins, 300, 0.45, 1, vote_iou=0.5, sources=np.array([0, 0, 1]))["scores"]) == 1
+    with pytest.raises(ValueError, match="need vote_iou"):
+        T.merge_tiles(tiles, origins, 300, 0.45, 10, sources=np.array([0, 0, 1]))
+
+
 def test_tile_settings_are_checked_and_name_their_output_folder():
     assert T.run_name("ssd_x") == "tiled_ssd_x" and T.TileConfig().suffix() == ""
     assert T.run_name("ssd_x", T.TileConfig(scales=[1, 0.5])) == "tiled_ssd_x_scales1-0.5"
@@ -96,6 +114,10 @@ def test_tile_settings_are_checked_and_name_their_output_folder():
     # An ensemble names its partner runs after the tile settings.
     assert T.run_name("ssd_x", T.TileConfig(vote_iou=0.5, partners="ssd_y")) == "tiled_ssd_x_vote0.5_plus_ssd_y"
     assert T.study_entry({"name": "ssd_x", "partners": ["ssd_y", "ssd_z"]})[1].partners == ("ssd_y", "ssd_z")
+    assert T.TileConfig(vote_iou=0.5, partners="ssd_y", agreement=True).suffix() == "_vote0.5_plus_ssd_y_agree"
+    for bad in ({}, {"partners": "ssd_y"}, {"vote_iou": 0.5}):
+        with pytest.raises(ValueError, match="needs partners and vote_iou"):
+            T.TileConfig(agreement=True, **bad)
     for bad in (("ssd_y", "ssd_y"), ("",)):
         with pytest.raises(ValueError, match="partners"):
             T.TileConfig(partners=bad)
@@ -179,6 +201,16 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
     np.testing.assert_array_equal(pooled_origins, np.concatenate([origins, origins]))
     np.testing.assert_array_equal(pooled_sides, np.concatenate([sides, sides]))
     np.testing.assert_allclose(pooled["boxes"], alone["boxes"], atol=1e-6)
+    # Scaled by the models' agreement: the same model agrees with itself on every box, so nothing changes.
+    import dataclasses
+
+    few = dataclasses.replace(exp, max_total=20)  # the untrained model's thousands of boxes, cut short
+    agreed = T.detect_film(model, few, anchors, image, mask, T.TileConfig(vote_iou=0.5, partners="x", agreement=True),
+                           partners=[(model, few, anchors)])[0]
+    voted = T.detect_film(model, few, anchors, image, mask, T.TileConfig(vote_iou=0.5))[0]
+    assert len(agreed["scores"]) == 20
+    np.testing.assert_allclose(agreed["scores"], voted["scores"], atol=1e-6)
+    np.testing.assert_allclose(agreed["boxes"], voted["boxes"], atol=1e-6)
     with pytest.raises(ConfigError, match="own ensemble partner"):
         T.run(crops_dir, tmp_path / "self", T.TileConfig(partners=("tiny_crops",)), command="pytest", annotations=annotations)
     with pytest.raises(ConfigError, match="patient-split crops"):
@@ -286,3 +318,7 @@ def test_the_command_passes_its_tile_settings_and_names_the_folder_by_them(tmp_p
     assert calls == [(tmp_path / "tiled_ssd_x_hflip_vote0.5", T.TileConfig(hflip=True, vote_iou=0.5))]
     assert cli.main(["evaluate-tiled", "--model", "models/ssd_x", "--out", str(tmp_path), "--with", "ssd_y"]) == 0
     assert calls[-1] == (tmp_path / "tiled_ssd_x_plus_ssd_y", T.TileConfig(partners=("ssd_y",)))
+    assert cli.main(["evaluate-tiled", "--model", "models/ssd_x", "--out", str(tmp_path), "--vote-iou", "0.5", "--with",
+                     "ssd_y", "--agreement"]) == 0
+    assert calls[-1] == (tmp_path / "tiled_ssd_x_vote0.5_plus_ssd_y_agree",
+                         T.TileConfig(vote_iou=0.5, partners=("ssd_y",), agreement=True))
