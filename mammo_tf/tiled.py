@@ -111,10 +111,12 @@ def vote_boxes(kept: np.ndarray, boxes: np.ndarray, scores: np.ndarray, iou: flo
         return kept
     weights = (iou_matrix(kept, boxes) >= iou) * np.asarray(scores, np.float64)[None, :]
     total = weights.sum(axis=1, keepdims=True)
-    # A kept box is one of ``boxes`` (IoU 1 with itself), so its own score is in the total.
-    if np.any(total <= 0):
+    # A kept box is one of ``boxes`` (IoU 1 with itself), so its own score is in the total; unless it has no area
+    # (IoU 0 with everything, itself included): nothing to average, it stays as it is.
+    flat = ((kept[:, 2] - kept[:, 0]) * (kept[:, 3] - kept[:, 1]) <= 0)[:, None]
+    if np.any((total <= 0) & ~flat):
         raise ValueError("vote_boxes: every kept box must be among the boxes, with a positive score")
-    return weights @ np.asarray(boxes, np.float64) / total
+    return np.where(total > 0, weights @ np.asarray(boxes, np.float64) / np.where(total > 0, total, 1.0), kept)
 
 
 def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: float | np.ndarray, nms_iou: float,

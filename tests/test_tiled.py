@@ -71,6 +71,9 @@ def test_box_voting_averages_the_overlapping_boxes_by_score():
     assert T.vote_boxes(np.zeros((0, 4)), boxes, scores, 0.5).shape == (0, 4)
     with pytest.raises(ValueError, match="among the boxes"):
         T.vote_boxes([[100, 100, 110, 110]], boxes, scores, 0.5)
+    # A box without area overlaps nothing, itself included: it stays as it is.
+    flat = np.array([[5, 5, 5, 9]], np.float64)
+    np.testing.assert_allclose(T.vote_boxes(flat, np.concatenate([boxes, flat]), np.append(scores, 0.3), 0.5), flat)
     # In the merge, per class: the suppressed duplicate of class 1 moves the kept box; class 2 votes alone.
     det = lambda b, label, score: {"boxes": np.array([b], np.float64), "labels": np.array([label]),  # noqa: E731
                                    "scores": np.array([score])}
@@ -97,6 +100,10 @@ def test_the_models_agreement_scales_the_scores_of_the_boxes_they_vote_for():
     np.testing.assert_allclose(agreed["boxes"], [[(0.9 * 10 + 0.6 * 12) / 1.5] * 2 + [(0.9 * 50 + 0.6 * 52) / 1.5] * 2,
                                                  [200, 200, 240, 240]])
     assert len(T.merge_tiles(tiles, origins, 300, 0.45, 1, vote_iou=0.5, sources=np.array([0, 0, 1]))["scores"]) == 1
+    # A box without area gets no vote, not even its own.
+    flat = T.merge_tiles(tiles + [det(box(100, 100, 100, 140), 0.99)], np.zeros((4, 2)), 300, 0.45, 10, vote_iou=0.5,
+                         sources=np.array([0, 0, 1, 1]))
+    np.testing.assert_allclose(flat["scores"], [0.9, 0.475, 0.0])
     with pytest.raises(ValueError, match="need vote_iou"):
         T.merge_tiles(tiles, origins, 300, 0.45, 10, sources=np.array([0, 0, 1]))
 
