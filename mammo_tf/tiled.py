@@ -53,7 +53,8 @@ class TileConfig:
             raise ValueError(f"scales must be distinct film scales in (0, 1], got {list(self.scales)}")
         if self.vote_iou is not None and not 0.0 < self.vote_iou <= 1.0:
             raise ValueError(f"vote_iou must be in (0, 1] or None, got {self.vote_iou}")
-        object.__setattr__(self, "partners", (self.partners,) if isinstance(self.partners, str) else tuple(self.partners))
+        partners = (self.partners,) if isinstance(self.partners, str) else tuple(self.partners)
+        object.__setattr__(self, "partners", partners)
         if len(set(self.partners)) != len(self.partners) or not all(isinstance(x, str) and x for x in self.partners):
             raise ValueError(f"partners must be distinct run names, got {list(self.partners)}")
         if self.agreement and (not self.partners or self.vote_iou is None):
@@ -203,7 +204,8 @@ def detect_film(model: Any, exp: Any, anchor_cfg: Any, image: np.ndarray, mask: 
                 batch_size: int = 16, partners: Sequence[tuple[Any, Any, Any]] = ()) -> tuple[dict, np.ndarray]:
     """(detections in film pixels, ``[top, left]`` in film pixels of each tile searched) of a crops-trained detector
     over a film's breast, pooled before the merge with those of each ``(model, exp, anchor_cfg)`` in ``partners``."""
-    found = [tile_predictions(m, e, a, image, mask, cfg, batch_size) for m, e, a in [(model, exp, anchor_cfg), *partners]]
+    models = [(model, exp, anchor_cfg), *partners]
+    found = [tile_predictions(m, e, a, image, mask, cfg, batch_size) for m, e, a in models]
     dets = [d for f in found for d in f[0]]
     origins, sides = np.concatenate([f[1] for f in found]), np.concatenate([f[2] for f in found])
     sources = np.concatenate([np.full(len(f[0]), i) for i, f in enumerate(found)]) if cfg.agreement else None
@@ -222,7 +224,8 @@ def tiled_detections(crops_dir: str | Path, samples: Any, cfg: TileConfig,
     crops_dir = Path(crops_dir)
 
     def detections(fold: Any) -> dict[str, list[dict]]:
-        fold_dirs = [crops_dir.parent / name / "folds" / f"fold{fold.index}" for name in (crops_dir.name, *cfg.partners)]
+        runs = [crops_dir, *(crops_dir.parent / x for x in cfg.partners)]
+        fold_dirs = [run / "folds" / f"fold{fold.index}" for run in runs]
         for fold_dir in fold_dirs:
             D.check_unseen(fold_dir, fold)
         (model, crops_exp, anchors), *partners = [D.load_detector(d) for d in fold_dirs]
@@ -239,7 +242,7 @@ def tiled_detections(crops_dir: str | Path, samples: Any, cfg: TileConfig,
                 bar.add(1)
             out[split] = found
         info[fold.index] = {"seconds": time.perf_counter() - t0, "detector": crops_dir.as_posix(),
-                            **({"partners": [(crops_dir.parent / x).as_posix() for x in cfg.partners]} if cfg.partners else {}),
+                            **({"partners": [run.as_posix() for run in runs[1:]]} if cfg.partners else {}),
                             "tiles_per_test_film": n_tiles["test"] / len(fold.test),
                             "tiles_per_train_film": n_tiles["train"] / len(fold.train)}
         return out
@@ -279,7 +282,8 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
     if crops_dir.name in cfg.partners:
         raise ConfigError(f"{crops_dir}: a run cannot be its own ensemble partner")
     run_dirs = [crops_dir, *(crops_dir.parent / x for x in cfg.partners)]
-    crops_exp, *_ = run_exps = [from_dict(D.DetectorExperiment, load_json(d / D.CONFIG_FILE)["experiment"]) for d in run_dirs]
+    run_exps = [from_dict(D.DetectorExperiment, load_json(d / D.CONFIG_FILE)["experiment"]) for d in run_dirs]
+    crops_exp = run_exps[0]
     for run_dir, run_exp in zip(run_dirs, run_exps):
         if run_exp.protocol != "crops" or run_exp.naive_split:
             raise ConfigError(f"{run_dir}: tiles need a detector trained on patient-split crops "
