@@ -23,7 +23,8 @@ TILED_NOTE = "whole films, no prior location: the breast searched in full-resolu
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Where the tiles go: the detector's input side, every ``stride`` pixels over the breast, at each film scale."""
+    """Where the tiles go (the detector's input side, every ``stride`` pixels over the breast, at each film scale)
+    and how their boxes merge (voting, partner models)."""
 
     stride: int | None = None  # pixels between tile origins (of the film at each scale); None: two thirds of the tile (200 for 300)
     min_breast: float = 0.05   # a tile is searched when at least this share of it is breast
