@@ -104,14 +104,17 @@ def tile_origins(mask: np.ndarray, size: int, stride: int, min_breast: float = 0
     return grid[area >= min_breast * size * size]
 
 
-def vote_boxes(kept: np.ndarray, boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Box voting: each of ``kept`` replaced by the score-weighted mean of ``boxes`` overlapping it by IoU >= ``iou``."""
+def vote_boxes(kept: np.ndarray, boxes: np.ndarray, scores: np.ndarray, iou: float,
+               voters: np.ndarray | None = None) -> np.ndarray:
+    """Box voting: each of ``kept`` replaced by the score-weighted mean of ``boxes`` overlapping it by IoU >= ``iou``
+    (``voters``: that overlap mask, when the caller has it already)."""
     from mammo_tf.metrics.detection import iou_matrix
 
     kept = np.asarray(kept, np.float64).reshape(-1, 4)
     if not len(kept):
         return kept
-    weights = (iou_matrix(kept, boxes) >= iou) * np.asarray(scores, np.float64)[None, :]
+    voters = iou_matrix(kept, boxes) >= iou if voters is None else voters
+    weights = voters * np.asarray(scores, np.float64)[None, :]
     total = weights.sum(axis=1, keepdims=True)
     # A kept box is one of ``boxes`` (IoU 1 with itself), so its own score is in the total; unless it has no area
     # (IoU 0 with everything, itself included): nothing to average, it stays as it is.
@@ -149,14 +152,13 @@ def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: float | 
     if sources is None:  # the scores keep their order: only the best max_total need a vote
         keep = keep[:max_total]
     kept, kept_scores = boxes[keep].copy(), scores[keep].copy()
+    models = np.unique(sources) if sources is not None else ()
     for c in np.unique(labels[keep]) if vote_iou is not None else ():
         mine, same = labels[keep] == c, labels == c
-        kept[mine] = vote_boxes(kept[mine], boxes[same], scores[same], vote_iou)
+        voters = iou_matrix(kept[mine], boxes[same]) >= vote_iou
+        kept[mine] = vote_boxes(kept[mine], boxes[same], scores[same], vote_iou, voters)
         if sources is not None:
-            voters = iou_matrix(boxes[keep][mine], boxes[same]) >= vote_iou
-            models = np.unique(sources)
-            share = sum((voters & (box_sources[same] == m)).any(axis=1) for m in models) / len(models)
-            kept_scores[mine] *= share
+            kept_scores[mine] *= sum((voters & (box_sources[same] == m)).any(axis=1) for m in models) / len(models)
     order = np.argsort(-kept_scores, kind="stable")[:max_total]
     return {"boxes": kept[order], "labels": labels[keep][order], "scores": kept_scores[order]}
 

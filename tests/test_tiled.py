@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -194,8 +196,6 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
         T.run(out, tmp_path / "again", command="pytest", annotations=annotations)
     # An ensemble pools a partner's tile boxes with the model's own before the merge. With the same model as its
     # partner, the merge gets every tile twice, and its NMS leaves what the model finds alone.
-    import shutil
-
     merge_tiles, merged = T.merge_tiles, []
     monkeypatch.setattr(T, "merge_tiles", lambda *args: merged.append(args) or merge_tiles(*args))
     alone = T.detect_film(model, exp, anchors, image, mask, T.TileConfig(vote_iou=0.5))[0]
@@ -209,8 +209,6 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
     np.testing.assert_array_equal(pooled_sides, np.concatenate([sides, sides]))
     np.testing.assert_allclose(pooled["boxes"], alone["boxes"], atol=1e-6)
     # Scaled by the models' agreement: the same model agrees with itself on every box, so nothing changes.
-    import dataclasses
-
     few = dataclasses.replace(exp, max_total=20)  # the untrained model's thousands of boxes, cut short
     agreed = T.detect_film(model, few, anchors, image, mask, T.TileConfig(vote_iou=0.5, partners="x", agreement=True),
                            partners=[(model, few, anchors)])[0]
