@@ -37,7 +37,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -85,6 +85,12 @@ class ClassifierExperiment:
     probe: dict = field(default_factory=dict)  # mammo_tf.models.probe.ProbeConfig (classifier: vgg16_probe)
     train: dict = field(default_factory=dict)  # mammo_tf.training.TrainConfig
     pretrain: dict = field(default_factory=dict)  # mammo_tf.pretrain.PretrainConfig (strategy whole): conv stack init
+    init_from: str | None = None              # a patch-CNN run folder: fold k goes on training from its fold k model
+    hard_negatives: int = 0                   # with init_from: the lesion-free training patches it scores highest, added
+
+
+# What a run that goes on from another (``init_from``) may change: the rest fixes its folds and training patches.
+INIT_MAY_DIFFER = frozenset({"name", "train", "init_from", "hard_negatives", "leakage_audit"})
 
 
 def _subsample_normals(records: pd.DataFrame, ratio: float | None, seed: int) -> pd.DataFrame:
@@ -102,6 +108,53 @@ def predict_patches(model: Any, records: pd.DataFrame, films: patches.FilmCache,
     ds = pipelines.patch_dataset(records.assign(label_id=records["label_id"].clip(lower=0)), training=False,
                                  batch_size=batch_size, films=films, cache=False)
     return model.predict(ds.map(lambda x, y: x), verbose=0)
+
+
+def check_init_from(exp: ClassifierExperiment) -> None:
+    """Refuse ``hard_negatives`` without ``init_from``, and an ``init_from`` run on other folds or training patches."""
+    if exp.hard_negatives < 0 or (exp.hard_negatives and not exp.init_from):
+        raise ConfigError("hard_negatives (>= 0) are mined by the fold models of an init_from run: set init_from")
+    if not exp.init_from:
+        return
+    if exp.classifier != "cnn" or exp.strategy == patches.WHOLE or exp.pretrain:
+        raise ConfigError("init_from goes on from a patch CNN run's fold models: it needs classifier cnn, "
+                          "a patch strategy and no pretrain")
+    source = Path(exp.init_from) / "config.yaml"
+    if not source.is_file():
+        raise ConfigError(f"init_from: {source.parent} holds no classifier run ({source.name})")
+    theirs = dataclasses.asdict(from_dict(ClassifierExperiment, load_config(source)))
+    differ = sorted(k for k, v in dataclasses.asdict(exp).items() if k not in INIT_MAY_DIFFER and theirs[k] != v)
+    if differ:
+        raise ConfigError(f"init_from: {source.parent} differs in {differ}; a run goes on from one with the same "
+                          "folds and training patches (only name, train, init_from, hard_negatives may differ)")
+
+
+def init_fold_dir(exp: ClassifierExperiment, k: int, test_patients: Sequence[int]) -> Path:
+    """The ``init_from`` run's fold ``k``, after checking that the patients it was tested on are this fold's."""
+    fold_dir = Path(exp.init_from) / f"fold{k}"
+    if not (fold_dir / "model.keras").is_file() or not (fold_dir / "patch_predictions.csv").is_file():
+        raise ConfigError(f"init_from: {fold_dir} holds no trained CNN fold (model.keras, patch_predictions.csv)")
+    tested = set(pd.read_csv(fold_dir / "patch_predictions.csv", usecols=["patient_id"])["patient_id"])
+    if not tested <= set(test_patients):
+        raise ConfigError(f"init_from: {fold_dir} was tested on patients {sorted(tested - set(test_patients))[:5]} "
+                          f"outside fold {k}'s test set, so it may have trained on this fold's test patients")
+    return fold_dir
+
+
+def mine_hard_negatives(score: Callable[[pd.DataFrame], np.ndarray], whole: pd.DataFrame, train: pd.DataFrame,
+                        train_patients: Sequence[int], n: int,
+                        normal_films: Sequence[str] = ()) -> tuple[pd.DataFrame, dict]:
+    """The ``n`` lesion-free breast patches of ``train_patients`` (not already in ``train``) that ``score`` (a model's
+    abnormal score per patch record) ranks most abnormal, and what the mining found (``normal_films``: counted apart)."""
+    pool = whole[whole["patient_id"].isin(train_patients) & (whole["label_id"] == 0)]
+    pool = pool[~pd.MultiIndex.from_frame(pool[PATCH_KEY]).isin(pd.MultiIndex.from_frame(train[PATCH_KEY]))]
+    scores = np.asarray(score(pool), np.float64) if len(pool) else np.zeros(0)
+    order = np.argsort(-scores, kind="stable")[:n]
+    mined = pool.iloc[order].reset_index(drop=True)
+    return mined, {"n_candidates": int(len(pool)), "n_mined": int(len(mined)), "n_films": int(mined["refnum"].nunique()),
+                   "share_from_normal_films": float(mined["refnum"].isin(list(normal_films)).mean()) if len(mined) else 0.0,
+                   "lowest_score_mined": float(scores[order].min()) if len(order) else None,
+                   "median_score_candidates": float(np.median(scores)) if len(scores) else None}
 
 
 def _patch_pixels(records: pd.DataFrame, films: patches.FilmCache) -> np.ndarray:
@@ -307,8 +360,9 @@ class FeatureBank:
 
 
 def _fit_cnn(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.DataFrame, films: patches.FilmCache,
-             fold_dir: Path) -> tuple[Any, dict]:
-    """Train (or, for a finished fold, load) the small CNN; returns its predictor and what to record."""
+             fold_dir: Path, init_dir: Path | None = None) -> tuple[Any, dict]:
+    """Train (from scratch, or on from ``init_dir``'s model; a finished fold is loaded) the small CNN; returns its
+    predictor and what to record."""
     import keras
 
     from mammo_tf.models import classifier as clf
@@ -334,6 +388,8 @@ def _fit_cnn(exp: ClassifierExperiment, k: int, train: pd.DataFrame, val: pd.Dat
         weights = pipelines.class_weights(train) if exp.balance == "class_weight" else None
 
         def build() -> Any:
+            if init_dir is not None:
+                return load_fold_model(init_dir)
             model = clf.build_classifier(mcfg)
             if exp.pretrain:
                 # The dense head starts afresh: the pretraining set has no benign class.
@@ -421,13 +477,21 @@ def run_fold(exp: ClassifierExperiment, k: int, ann: pd.DataFrame, records: dict
     val = _subsample_normals(val, exp.normal_per_abnormal, exp.seed + k)
     fold_dir = out / f"fold{k}"
     fold_dir.mkdir(parents=True, exist_ok=True)
+    init_dir, mined = (init_fold_dir(exp, k, test_pat), None) if exp.init_from else (None, None)
+    if exp.hard_negatives and not (fold_dir / "model.keras").is_file():
+        # Mined after the normal subsample, so that all of them train; from training patients only.
+        model, batch = load_fold_model(init_dir), from_dict(training.TrainConfig, exp.train).batch_size
+        hard, mined = mine_hard_negatives(lambda frame: 1.0 - predict_patches(model, frame, films, batch)[:, 0],
+                                          records["whole"], train, tr_pat, exp.hard_negatives,
+                                          mias.images_table(ann).query("label_id == 0")["refnum"].tolist())
+        train = pd.concat([train, hard], ignore_index=True)
     if exp.classifier == "cnn":
-        predict, fitted = _fit_cnn(exp, k, train, val, films, fold_dir)
+        predict, fitted = _fit_cnn(exp, k, train, val, films, fold_dir, init_dir)
     else:
         predict, fitted = _fit_probe(exp, k, train, val, bank, fold_dir)
 
     result: dict[str, Any] = {"fold": k, "n_train": int(len(train)), "n_val": int(len(val)), "n_test": int(len(test)),
-                              **fitted}
+                              **fitted, **({"hard_negatives": mined} if mined else {})}
     # Does the model fit its own training set? (Evaluated without augmentation.)
     result["train_own"] = _report(train["label_id"].to_numpy(), predict(train))
     x_train = baselines.intensity_features(_patch_pixels(train, films))
@@ -576,7 +640,8 @@ def _cnn_recipe(exp: ClassifierExperiment) -> str:
         "flips/rot90" if exp.augment else "no augmentation") + copies + (
         f", global {pooling} pooling" if pooling != "avg" else "") + (
         f", conv stack pretrained on {pretrain.source_name(from_dict(pretrain.PretrainConfig, exp.pretrain))}"
-        if exp.pretrain else "")
+        if exp.pretrain else "") + (f", on from {Path(exp.init_from).name}'s fold models" if exp.init_from else "") + (
+        f" with its {exp.hard_negatives} highest-scoring lesion-free training patches added" if exp.hard_negatives else "")
 
 
 def combined_probe_label(exp: ClassifierExperiment) -> str:
@@ -755,6 +820,7 @@ def run_experiment(exp: ClassifierExperiment, out_dir: str | Path, command: str 
     if whole and (exp.classifier != "cnn" or exp.lesion_copies or exp.leakage_audit or exp.patch_options):
         raise ConfigError("strategy whole trains the CNN on whole films: it takes no probe, lesion_copies, "
                           "leakage_audit or patch_options")
+    check_init_from(exp)
     if exp.pretrain:
         pretrain.check(exp.strategy, exp.classifier)
         try:
@@ -839,7 +905,7 @@ def _keep_training_counts(fold_results: list[dict], earlier_metrics: Path) -> No
     for result in fold_results:
         old = stored.get(result["fold"], {})
         if not result.get("trained_here", True):
-            result.update({k: old[k] for k in ("n_train", "n_val") if k in old})
+            result.update({k: old[k] for k in ("n_train", "n_val", "hard_negatives") if k in old})
 
 
 def _figures(out: Path, fold_results: list[dict], cplots: Any, model: str = "cnn",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mammo_tf import classify
+from mammo_tf.config import ConfigError
 from mammo_tf.io import save_json
 
 
@@ -216,3 +218,62 @@ def test_whole_film_experiment_refuses_patch_options(tmp_path, bad):
     exp = classify.ClassifierExperiment(**{"name": "w", "strategy": "whole", "patch_options": {}, **bad})
     with pytest.raises(ConfigError, match="strategy whole"):
         classify.run_experiment(exp, tmp_path / "w")
+
+
+TINY_GRID = dict(strategy="grid_keep", size=128, patch_options={}, max_films=30, max_folds=1, augment=False,
+                 train={"epochs": 1, "batch_size": 32, "early_stopping": False, "tensorboard": False})
+
+
+def test_a_run_goes_on_from_the_fold_models_with_mined_lesion_free_patches(tmp_path):
+    from mammo_tf.models import classifier as clf
+
+    first = tmp_path / "first"
+    first_run = classify.run_experiment(classify.ClassifierExperiment(name="first", **TINY_GRID), first, command="pytest")
+    # Learning rate 0: the fold model keeps the weights it went on from; it trains on the first run's patches
+    # and the mined ones.
+    still = {**TINY_GRID, "train": {**TINY_GRID["train"], "learning_rate": 0.0}, "init_from": str(first)}
+    mined = classify.run_experiment(classify.ClassifierExperiment(name="mined", hard_negatives=7, **still),
+                                    tmp_path / "mined")
+    before, _ = clf.load_classifier(first / "fold0" / "model.keras")
+    after, _ = clf.load_classifier(tmp_path / "mined" / "fold0" / "model.keras")
+    for a, b in zip(before.get_weights(), after.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    info = mined["folds"][0]["hard_negatives"]
+    assert info["n_mined"] == 7 and info["n_candidates"] > 7
+    assert mined["folds"][0]["n_train"] == first_run["folds"][0]["n_train"] + 7
+    assert "on from first's fold models with its 7 highest-scoring" in mined["results"][0]["row"]
+    # Re-evaluated without retraining, the fold keeps what it trained on.
+    again = classify.run_experiment(classify.ClassifierExperiment(name="mined", hard_negatives=7, **still),
+                                    tmp_path / "mined")
+    assert again["folds"][0]["hard_negatives"] == info and again["folds"][0]["n_train"] == mined["folds"][0]["n_train"]
+
+
+def test_mined_patches_are_the_highest_scoring_lesion_free_ones_of_training_patients():
+    whole = pd.DataFrame({"refnum": ["a", "a", "a", "b", "b", "c"], "patient_id": [1, 1, 1, 1, 1, 2],
+                          "top": 0, "left": [100, 900, 500, 800, 300, 990], "size": 128,
+                          "label_id": [0, 1, 0, 0, -1, 0]})
+    mined, info = classify.mine_hard_negatives(lambda frame: frame["left"].to_numpy() / 1000, whole,
+                                               train=whole.iloc[[0]], train_patients=[1], n=2, normal_films=["b"])
+    # Patient 2 is not a training patient, label 1 holds a lesion, -1 is ambiguous, left 100 trains already.
+    assert mined["left"].tolist() == [800, 500] and info["n_candidates"] == 2
+    assert info["share_from_normal_films"] == 0.5 and info["lowest_score_mined"] == pytest.approx(0.5)
+    assert info["median_score_candidates"] == pytest.approx(0.65)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"hard_negatives": 5}, "set init_from"),
+    ({"init_from": "MISSING"}, "holds no classifier run"),
+    ({"init_from": "RUN", "size": 256}, r"differs in \['size'\]"),
+    ({"init_from": "RUN", "strategy": "whole", "patch_options": {}}, "patch CNN"),
+])
+def test_init_from_settings_are_refused_before_anything_trains(tmp_path, bad, message):
+    from mammo_tf.config import save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(classify.ClassifierExperiment(name="run", **TINY_GRID), run / "config.yaml")
+    settings = {**TINY_GRID, **{k: str(run) if v == "RUN" else str(tmp_path / v) if v == "MISSING" else v
+                                for k, v in bad.items()}}
+    with pytest.raises(ConfigError, match=message):
+        classify.run_experiment(classify.ClassifierExperiment(name="w", **settings), tmp_path / "w")
+    assert not (tmp_path / "w" / "fold0").exists()
