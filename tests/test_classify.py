@@ -277,3 +277,16 @@ def test_init_from_settings_are_refused_before_anything_trains(tmp_path, bad, me
     with pytest.raises(ConfigError, match=message):
         classify.run_experiment(classify.ClassifierExperiment(name="w", **settings), tmp_path / "w")
     assert not (tmp_path / "w" / "fold0").exists()
+
+
+def test_an_init_fold_tested_on_other_patients_is_refused(tmp_path):
+    fold = tmp_path / "run" / "fold0"
+    fold.mkdir(parents=True)
+    (fold / "model.keras").write_bytes(b"")
+    pd.DataFrame({"patient_id": [3, 8]}).to_csv(fold / "patch_predictions.csv", index=False)
+    exp = classify.ClassifierExperiment(name="w", init_from=str(tmp_path / "run"))
+    assert classify.init_fold_dir(exp, 0, test_patients=[3, 8, 9]) == fold
+    with pytest.raises(ConfigError, match=r"tested on patients \[8\] outside fold 0's test set"):
+        classify.init_fold_dir(exp, 0, test_patients=[3, 9])
+    with pytest.raises(ConfigError, match="holds no trained CNN fold"):
+        classify.init_fold_dir(exp, 1, test_patients=[3])
