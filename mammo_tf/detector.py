@@ -50,6 +50,8 @@ CROPS_NOTE = (
     "location is given away; not a screening setting"
 )
 WHOLE_NOTE = "whole films, no prior location: breast-cropped, downsampled, normal films included"
+PLANTED_NOTE = ("PLANTED: not mini-MIAS's lesions but synthetic Gaussian masses of contrast {contrast:g} grey levels in half "
+                "of its normal films (mammo_tf.planted), a detection-limit check")
 LEAKY_NOTE = "LEAKY: random split of samples instead of by patient (leakage audit only)"
 ORACLE_NOTE = "reference: every ground-truth box found exactly, class and score random"
 RANDOM_BOXES_PER_IMAGE = 10
@@ -122,6 +124,7 @@ class DetectorExperiment:
     hard_negative_tiles: int = 0          # with init_from: lesion-free training tiles it scores highest, added as negatives
     select_on: str = "val_loss"           # val_loss | val_mAP
     snapshot_every: int = 0               # val_mAP without early stopping: measure every n epochs, keep the best
+    planted_contrast: float | None = None  # whole: not the lesions but masses of this contrast planted in normal films
     n_examples: int = 6
     seed: int = 0
     data: str | None = None
@@ -162,6 +165,9 @@ class DetectorExperiment:
         if self.init_from and (self.protocol != "crops" or self.naive_split or self.backbone_from):
             raise ConfigError("init_from goes on from a crops detector's fold models: it needs protocol: crops, "
                               "patient folds (no naive_split) and no backbone_from")
+        if self.planted_contrast is not None and (self.protocol != "whole" or not self.planted_contrast > 0):
+            raise ConfigError(f"planted_contrast must be > 0 (grey levels), and is for the whole protocol only; got "
+                              f"{self.planted_contrast} with protocol {self.protocol!r}")
         if self.augment_ops not in AUGMENT_OPS:
             raise ConfigError(f"augment_ops must be one of {AUGMENT_OPS}, got {self.augment_ops!r}")
         if self.select_on not in SELECT_ON:
@@ -277,13 +283,27 @@ def whole_records(
     return records, P.FilmCache(load_image=images.__getitem__), transforms
 
 
+def film_reader(exp: DetectorExperiment, annotations: pd.DataFrame) -> Callable[[str], np.ndarray]:
+    """The experiment's film reader: mini-MIAS's films, with the masses `annotations` plants added when it plants them."""
+    load = P.film_loader(exp.data)
+    if exp.planted_contrast is None:
+        return load
+    from mammo_tf.planted import planted_loader
+
+    return planted_loader(load, annotations, exp.planted_contrast)
+
+
 def make_samples(exp: DetectorExperiment, annotations: pd.DataFrame | None = None) -> Samples:
     """The experiment's samples: detection crops (crops protocol) or prepared whole films."""
     ann = annotations if annotations is not None else mias.load_annotations(exp.data)
     ann, excluded = usable_annotations(ann)
     ann = subset_patients(ann, exp.max_patients, exp.seed)
+    if exp.planted_contrast is not None:
+        from mammo_tf.planted import planted_annotations
+
+        ann = planted_annotations(ann, P.FilmCache(P.film_loader(exp.data)), exp.seed)
     if exp.protocol == "whole":
-        records, films, transforms = whole_records(ann, exp.image_size, P.film_loader(exp.data))
+        records, films, transforms = whole_records(ann, exp.image_size, film_reader(exp, ann))
         return Samples(records, films, transforms, excluded, ann)
     films = P.FilmCache(load_image=P.film_loader(exp.data))
     records = P.detection_crops(ann, exp.image_size, crops_per_lesion=exp.crops_per_lesion, n_normal=exp.n_normal,
@@ -335,6 +355,8 @@ def make_folds(exp: DetectorExperiment, samples: Samples) -> list[Fold]:
     for k, (train_patients, test_patients) in enumerate(patient_folds(fold_ann, exp.folds, exp.seed)):
         if k >= exp.n_folds_run:
             break
+        # Planted masses use the normal films only: a patient without one has nothing to train on.
+        train_patients = np.intersect1d(train_patients, ann["patient_id"].unique())
         tr, va, stratified = _train_val(ann, train_patients, exp.val_fraction, exp.seed + k)
         pick = lambda p: records[records["patient_id"].isin(p)].reset_index(drop=True)  # noqa: E731
         fold = Fold(k, pick(tr), pick(va), pick(test_patients), stratified_val=stratified)
@@ -943,8 +965,9 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     random_summary = summarise_folds(random_metrics)
     pooled, pooled_ev, pooled_fr = detection_metrics(pooled_gt, pooled_det, exp.iou_threshold, exp.nms_iou_threshold)
 
-    reference = {"benign": POSTER_REFERENCE["benign"], "malignant": POSTER_REFERENCE["malignant"],
-                 "mAP": POSTER_REFERENCE["mAP"]}
+    reference = (None if exp.planted_contrast is not None  # the poster's numbers are not about planted masses
+                 else {"benign": POSTER_REFERENCE["benign"], "malignant": POSTER_REFERENCE["malignant"],
+                       "mAP": POSTER_REFERENCE["mAP"]})
     save_figure(dplots.plot_pr_curves(pooled_ev), out / "pr_curves.png")
     save_figure(dplots.plot_ap_bars(pooled_ev, reference=reference, reference_label="poster (reported)"),
                 out / "ap_bars.png")
@@ -965,6 +988,7 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     metrics = {
         "experiment": exp.to_dict(),
         "protocol_note": protocol_note or (CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE),
+        **({"planted": PLANTED_NOTE.format(contrast=exp.planted_contrast)} if exp.planted_contrast is not None else {}),
         "leaky": exp.naive_split,
         "excluded_films": samples.excluded,
         "n_samples": len(samples.records),
@@ -1046,8 +1070,10 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     split = (f"{LEAKY_NOTE}; {n_folds} of {exp.folds} random folds" if exp.naive_split
              else f"{n_folds} of {exp.folds} patient folds")
     protocol = protocol_note or (CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE)
-    table = ("Detection (mini-MIAS, crops around lesions: location given)" if exp.protocol == "crops"
-             else "Detection (mini-MIAS, whole films: no prior location)")
+    table = _table(exp, "Detection (mini-MIAS, crops around lesions: location given)" if exp.protocol == "crops"
+                   else "Detection (mini-MIAS, whole films: no prior location)")
+    if exp.planted_contrast is not None:
+        protocol = PLANTED_NOTE.format(contrast=exp.planted_contrast)
     hardware = hardware_label(prov)
     trained = prov.get("trained_by", {}).get("hardware")
     if trained and hardware_label({"hardware": trained}) != hardware:  # trained on another machine (a GPU)
@@ -1077,11 +1103,16 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
         {**common, "row": "Oracle boxes, random class", "values": _row_values(base), "note": f"{ORACLE_NOTE}; {split}"},
         *([{**common, "row": chance_row_name(exp), "values": _row_values(chance), "note": f"{RANDOM_NOTE}; {split}"}]
           if chance else []),
-        {**common, "row": "Poster (reference)",
+        *([] if exp.planted_contrast is not None else [{**common, "row": "Poster (reference)",
          "values": {"benign AP": POSTER_REFERENCE["benign"], "malignant AP": POSTER_REFERENCE["malignant"],
                     "mAP": POSTER_REFERENCE["mAP"]},
-         "note": POSTER_NOTE},
+         "note": POSTER_NOTE}]),
     ]
+
+
+def _table(exp: DetectorExperiment, title: str) -> str:
+    """A results table's title; runs on planted masses get tables of their own, never beside the real lesions'."""
+    return title if exp.planted_contrast is None else f"{title.replace('mini-MIAS', 'planted masses')} [PLANTED]"
 
 
 # Which lesions the whole-film detector finds, by groups fixed before any result was seen: the MIAS
@@ -1172,7 +1203,7 @@ def chance_row_name(exp: DetectorExperiment) -> str:
 def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], prov: dict,
                  figure_label: str = "SSD") -> list[dict]:
     """The model's and the random boxes' lesions found per group, one row each, as 'found/n'."""
-    common = {"table": LESIONS_TABLES[exp.protocol], "command": prov["command"], "hardware": hardware_label(prov),
+    common = {"table": _table(exp, LESIONS_TABLES[exp.protocol]), "command": prov["command"], "hardware": hardware_label(prov),
               "date": prov["date"]}
     what = ("located test lesions" if exp.protocol == "whole" else
             "lesions in the test crops (one seen in several crops counts in each)")
@@ -1196,7 +1227,7 @@ def _hit_rows(exp: DetectorExperiment, loc: dict, prov: dict, figure_label: str 
     values = {"lesions found": test["n_found"], "median IoU": test["iou_median"], "IoU >= 0.5": test["iou50_share"],
               "median log2 size ratio": test["size_log2_median"], "size r": test["size_corr"],
               "size r, training samples": train["size_corr"], "IoU >= 0.5, training samples": train["iou50_share"]}
-    return [{"table": HIT_TABLES[exp.protocol], "command": prov["command"], "hardware": hardware_label(prov),
+    return [{"table": _table(exp, HIT_TABLES[exp.protocol]), "command": prov["command"], "hardware": hardware_label(prov),
              "date": prov["date"], "row": f"{exp.name}: {figure_label}", "values": values, "note": HIT_NOTE}]
 
 
@@ -1224,7 +1255,7 @@ def _example_panels(exp: DetectorExperiment, samples: Samples, records: pd.DataF
                     dets: list[dict], max_drawn: int = 5) -> list[dict]:
     """Up to `n_examples` panels for `draw_detection_grid` (lesion samples first), each with its top detections."""
     order = sorted(range(len(records)), key=lambda i: (len(gts[i]["boxes"]) == 0, i))[: exp.n_examples]
-    load = P.film_loader(exp.data) if exp.protocol == "whole" else None
+    load = film_reader(exp, samples.annotations) if exp.protocol == "whole" else None
     panels = []
     for i in order:
         top = np.argsort(-dets[i]["scores"], kind="stable")[:max_drawn]  # an untrained model would bury the film

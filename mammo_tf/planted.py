@@ -1,0 +1,92 @@
+"""Synthetic masses planted in mini-MIAS's normal films: a detection-limit check of known difficulty.
+
+Half of the normal films (drawn with the seed) get one mass: a Gaussian bump of standard
+deviation r / 2 added to the film, centred in the breast at least r / 2 from its edge (and the film's), r drawn from
+the radii of the real located lesions. ``contrast`` is in grey levels as
+:func:`lesion_contrast` measures it on a real lesion (mean within r / 2 of the centre minus the
+mean of the breast ring between 1.5 r and 2 r), so a planted mass can be matched to the real
+ones. Each is annotated as a circumscribed benign mass (CIRC, B) of radius r, in the table layout
+of :func:`mammo_tf.data.mias.load_annotations`; the other films stay normal. The raw films are
+never modified: masses are added to the loaded copy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from mammo_tf import patches as P
+from mammo_tf.data import mias
+
+PLANTED_SHARE = 0.5
+# Mean of exp(-d^2 / (2 sigma^2)), sigma = r / 2, over the disc d <= r / 2: 2 (1 - e^(-1/2)).
+_INNER_MEAN = 2.0 * (1.0 - np.exp(-0.5))
+
+
+def lesion_contrast(image: np.ndarray, x: float, y: float, r: float, mask: np.ndarray) -> float:
+    """A lesion's contrast in grey levels: mean within r/2 of (x, y) minus the mean of the breast ring 1.5 r..2 r."""
+    yy, xx = np.ogrid[: image.shape[0], : image.shape[1]]
+    d = np.hypot(xx - x, yy - y)
+    ring = (d >= 1.5 * r) & (d <= 2.0 * r) & mask
+    if not ring.any():
+        raise ValueError(f"no breast pixels in the ring around ({x}, {y}), r {r}")
+    return float(image[d <= r / 2].mean() - image[ring].mean())
+
+
+def plant_mass(image: np.ndarray, x: float, y: float, r: float, contrast: float) -> np.ndarray:
+    """A copy of a uint8 film with a Gaussian mass of `lesion_contrast` `contrast` centred at (x, y)."""
+    yy, xx = np.ogrid[: image.shape[0], : image.shape[1]]
+    bump = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2.0 * (r / 2.0) ** 2))
+    out = image.astype(np.float32) + (contrast / _INNER_MEAN) * bump
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _centre(mask: np.ndarray, r: float, rng: np.random.Generator) -> tuple[float, float]:
+    """A random breast pixel at least r / 2 from the breast's and the film's edge (the deepest one when none is)."""
+    inside = mask.astype(np.uint8)
+    inside[[0, -1], :] = inside[:, [0, -1]] = 0  # the film's edge bounds the breast too (the chest wall side)
+    inside = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+    ys, xs = np.nonzero(inside >= r / 2.0)
+    if len(ys) == 0:
+        ys, xs = np.unravel_index([int(np.argmax(inside))], inside.shape)
+    i = int(rng.integers(len(ys)))
+    return float(xs[i]), float(ys[i])
+
+
+def planted_annotations(annotations: pd.DataFrame, films: P.FilmCache, seed: int = 0) -> pd.DataFrame:
+    """The normal films' annotations, half of them (seeded) given one planted mass (CIRC, B) each."""
+    radii = annotations.loc[annotations["has_location"], "radius"].to_numpy(float)
+    if len(radii) == 0:
+        raise ValueError("planted masses draw their radii from located lesions, and there are none")
+    images = mias.images_table(annotations)
+    normal = annotations[annotations["refnum"].isin(images.loc[images["label"] == "normal", "refnum"])]
+    rng = np.random.default_rng(seed)
+    refnums = sorted(normal["refnum"].unique())
+    chosen = set(rng.choice(refnums, size=int(round(PLANTED_SHARE * len(refnums))), replace=False))
+    rows = []
+    for row in normal.sort_values("refnum").to_dict("records"):
+        if row["refnum"] in chosen:
+            r = float(rng.choice(radii))
+            x, y = _centre(films.mask(row["refnum"]), r, rng)
+            row.update(abnormality="CIRC", severity="B", x=x, y=y, radius=r, has_location=True,
+                       label="benign", label_id=mias.CLASSES.index("benign"))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=annotations.columns).reset_index(drop=True)
+
+
+def planted_loader(load: Callable[[str], np.ndarray], planted: pd.DataFrame,
+                   contrast: float) -> Callable[[str], np.ndarray]:
+    """A film reader that returns each film with its planted mass (if `planted` gives it one) added."""
+    masses = {r.refnum: (r.x, r.y, r.radius) for r in planted[planted["has_location"]].itertuples()}
+
+    def read(refnum: str) -> np.ndarray:
+        image = load(refnum)
+        if refnum not in masses:
+            return image
+        x, y, r = masses[refnum]
+        return plant_mass(image, x, y, r, contrast)
+
+    return read
