@@ -284,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
     cascade.add_cli(sub)
     external_eval.add_cli(sub)
-    from mammo_tf import bilateral, ensemble, paired_detection, selection
+    from mammo_tf import bilateral, ensemble, paired_detection, planted, selection
 
     bilateral.add_cli(sub)
+    planted.add_cli(sub)
     add_runs_command(sub, "ensemble-classifier", ensemble.evaluate,
                      "replicates of one classifier recipe side by side, and their mean score (stored outputs)",
                      "run directories (same config but `replicate`)")

@@ -9,7 +9,7 @@ from mammo_tf import cli
 SUBCOMMANDS = {"fetch", "summary", "run", "train-classifier", "evaluate-classifier", "train-detector",
                "evaluate-detector", "detect", "evaluate-cascade", "evaluate-external", "report",
                "export-detector-arrays", "train-detector-arrays", "evaluate-detector-arrays", "bilateral",
-               "ensemble-classifier"}
+               "ensemble-classifier", "lesion-contrast"}
 
 
 def test_subcommands():
