@@ -1096,6 +1096,8 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
     schedule = (f"{tcfg.epochs} epochs, the best val mAP of every {exp.snapshot_every} kept" if exp.snapshot_every
                 else schedule_label(tcfg, exp.select_on.replace('_', ' ')))
     model = f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule}, {_augmentation_label(exp)}{crops}{box_weight})"
+    if exp.planted_contrast is not None:
+        model += f" on planted masses of contrast {exp.planted_contrast:g}"
     name = (row_name or model) + (" [LEAKY split]" if exp.naive_split else "")
     return [
         {**common, "row": name, "values": _row_values(summary),

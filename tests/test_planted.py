@@ -99,6 +99,7 @@ def test_planted_runs_go_to_tables_of_their_own_without_the_poster(tmp_path):
     assert all(r["table"].endswith("[PLANTED]") for r in rows)
     assert not any(r["table"].endswith("[PLANTED]") for r in real)
     assert "Poster (reference)" in [r["row"] for r in real] and "Poster (reference)" not in [r["row"] for r in rows]
+    assert rows[0]["row"] == real[0]["row"] + " on planted masses of contrast 81"
     assert rows[0]["note"].startswith("PLANTED: not mini-MIAS's lesions but synthetic Gaussian masses of contrast 81")
     assert len(rows) == len(real) - 1
 
