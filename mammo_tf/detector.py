@@ -50,8 +50,8 @@ CROPS_NOTE = (
     "location is given away; not a screening setting"
 )
 WHOLE_NOTE = "whole films, no prior location: breast-cropped, downsampled, normal films included"
-PLANTED_NOTE = ("PLANTED: not mini-MIAS's lesions but synthetic Gaussian masses of contrast {contrast:g} grey levels in half "
-                "of its normal films (mammo_tf.planted), a detection-limit check")
+PLANTED_NOTE = ("PLANTED: not mini-MIAS's lesions but synthetic Gaussian masses of contrast {contrast:g} grey "
+                "levels in half of its normal films (mammo_tf.planted), a detection-limit check")
 LEAKY_NOTE = "LEAKY: random split of samples instead of by patient (leakage audit only)"
 ORACLE_NOTE = "reference: every ground-truth box found exactly, class and score random"
 RANDOM_BOXES_PER_IMAGE = 10
@@ -284,7 +284,7 @@ def whole_records(
 
 
 def film_reader(exp: DetectorExperiment, annotations: pd.DataFrame) -> Callable[[str], np.ndarray]:
-    """The experiment's film reader: mini-MIAS's films, with the masses `annotations` plants added when it plants them."""
+    """The experiment's film reader: mini-MIAS's films, with the masses `annotations` plants when it plants."""
     load = P.film_loader(exp.data)
     if exp.planted_contrast is None:
         return load
@@ -988,7 +988,8 @@ def evaluate_experiment(exp: DetectorExperiment, out_dir: str | Path, command: s
     metrics = {
         "experiment": exp.to_dict(),
         "protocol_note": protocol_note or (CROPS_NOTE if exp.protocol == "crops" else WHOLE_NOTE),
-        **({"planted": PLANTED_NOTE.format(contrast=exp.planted_contrast)} if exp.planted_contrast is not None else {}),
+        **({"planted": PLANTED_NOTE.format(contrast=exp.planted_contrast)}
+           if exp.planted_contrast is not None else {}),
         "leaky": exp.naive_split,
         "excluded_films": samples.excluded,
         "n_samples": len(samples.records),
@@ -1205,8 +1206,8 @@ def chance_row_name(exp: DetectorExperiment) -> str:
 def _lesion_rows(exp: DetectorExperiment, table: dict[str, dict[str, dict]], prov: dict,
                  figure_label: str = "SSD") -> list[dict]:
     """The model's and the random boxes' lesions found per group, one row each, as 'found/n'."""
-    common = {"table": _table(exp, LESIONS_TABLES[exp.protocol]), "command": prov["command"], "hardware": hardware_label(prov),
-              "date": prov["date"]}
+    common = {"table": _table(exp, LESIONS_TABLES[exp.protocol]), "command": prov["command"],
+              "hardware": hardware_label(prov), "date": prov["date"]}
     what = ("located test lesions" if exp.protocol == "whole" else
             "lesions in the test crops (one seen in several crops counts in each)")
     note = (f"{what} pooled over the folds, each fold at its own threshold for at most 1 false positive per image "
@@ -1229,8 +1230,9 @@ def _hit_rows(exp: DetectorExperiment, loc: dict, prov: dict, figure_label: str 
     values = {"lesions found": test["n_found"], "median IoU": test["iou_median"], "IoU >= 0.5": test["iou50_share"],
               "median log2 size ratio": test["size_log2_median"], "size r": test["size_corr"],
               "size r, training samples": train["size_corr"], "IoU >= 0.5, training samples": train["iou50_share"]}
-    return [{"table": _table(exp, HIT_TABLES[exp.protocol]), "command": prov["command"], "hardware": hardware_label(prov),
-             "date": prov["date"], "row": f"{exp.name}: {figure_label}", "values": values, "note": HIT_NOTE}]
+    return [{"table": _table(exp, HIT_TABLES[exp.protocol]), "command": prov["command"],
+             "hardware": hardware_label(prov), "date": prov["date"], "row": f"{exp.name}: {figure_label}",
+             "values": values, "note": HIT_NOTE}]
 
 
 def refresh_rows(model_dir: str | Path) -> list[dict]:

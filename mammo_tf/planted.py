@@ -1,8 +1,8 @@
 """Synthetic masses planted in mini-MIAS's normal films: a detection-limit check of known difficulty.
 
 Half of the normal films (drawn with the seed) get one mass: a Gaussian bump of standard
-deviation r / 2 added to the film, centred in the breast at least r / 2 from its edge (and the film's), r drawn from
-the radii of the real located lesions. ``contrast`` is in grey levels as
+deviation r / 2 added to the film, centred in the breast at least r / 2 from its edge and the
+film's, r drawn from the radii of the real located lesions. ``contrast`` is in grey levels as
 :func:`lesion_contrast` measures it on a real lesion (mean within r / 2 of the centre minus the
 mean of the breast ring between 1.5 r and 2 r), so a planted mass can be matched to the real
 ones. Each is annotated as a circumscribed benign mass (CIRC, B) of radius r, in the table layout
@@ -58,7 +58,10 @@ def _centre(mask: np.ndarray, r: float, rng: np.random.Generator) -> tuple[float
 
 
 def real_lesion_contrasts(annotations: pd.DataFrame, films: P.FilmCache) -> pd.DataFrame:
-    """`lesion_contrast` of every located lesion (refnum, abnormality, severity, radius, contrast); none without breast in its ring."""
+    """`lesion_contrast` of each located lesion (refnum, abnormality, severity, radius, contrast).
+
+    A lesion without breast pixels in its ring cannot be measured and is left out.
+    """
     rows = []
     for row in annotations[annotations["has_location"]].itertuples():
         try:
@@ -81,7 +84,8 @@ def contrast_summary(contrasts: pd.DataFrame) -> dict[str, dict[str, float]]:
 
 def add_cli(sub: Any) -> None:
     """The ``lesion-contrast`` subcommand."""
-    p = sub.add_parser("lesion-contrast", help="the contrast of mini-MIAS's located lesions, as planted masses are measured")
+    p = sub.add_parser("lesion-contrast",
+                       help="the contrast of mini-MIAS's located lesions, as planted masses are measured")
     p.add_argument("--data", default=None)
     p.set_defaults(func=_cli)
 
@@ -90,7 +94,8 @@ def _cli(args: Any) -> int:
     films = P.FilmCache(P.film_loader(args.data))
     summary = contrast_summary(real_lesion_contrasts(mias.load_annotations(args.data), films))
     for name, q in summary.items():
-        print(f"{name:5s} n {q['n']:3d}  median {q['median']:5.1f}  quartiles {q['q25']:5.1f} .. {q['q75']:5.1f} grey levels")
+        print(f"{name:5s} n {q['n']:3d}  median {q['median']:5.1f}  "
+              f"quartiles {q['q25']:5.1f} .. {q['q75']:5.1f} grey levels")
     return 0
 
 
