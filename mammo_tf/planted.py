@@ -87,15 +87,25 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser("lesion-contrast",
                        help="the contrast of mini-MIAS's located lesions, as planted masses are measured")
     p.add_argument("--data", default=None)
+    p.add_argument("--planted", type=float, nargs="*", default=[],
+                   help="also measure the planted masses of these contrasts where they sit, tissue included")
     p.set_defaults(func=_cli)
 
 
 def _cli(args: Any) -> int:
     films = P.FilmCache(P.film_loader(args.data))
-    summary = contrast_summary(real_lesion_contrasts(mias.load_annotations(args.data), films))
-    for name, q in summary.items():
-        print(f"{name:5s} n {q['n']:3d}  median {q['median']:5.1f}  "
-              f"quartiles {q['q25']:5.1f} .. {q['q75']:5.1f} grey levels")
+    annotations = mias.load_annotations(args.data)
+    summaries = contrast_summary(real_lesion_contrasts(annotations, films))
+    notes = {}
+    tissue = planted_lesion_contrasts(annotations, films, 0.0)["contrast"] if args.planted else None
+    for contrast in args.planted:
+        measured = planted_lesion_contrasts(annotations, films, contrast)
+        summaries[f"planted {contrast:g}"] = contrast_summary(measured)["all"]
+        clipped = int(((measured["contrast"] - tissue) < 0.97 * contrast).sum())
+        notes[f"planted {contrast:g}"] = f"  (bright tissue clips {clipped} at 255 to under 97 % of {contrast:g})"
+    for name, q in summaries.items():
+        print(f"{name:11s} n {q['n']:3d}  median {q['median']:5.1f}  "
+              f"quartiles {q['q25']:5.1f} .. {q['q75']:5.1f} grey levels{notes.get(name, '')}")
     return 0
 
 
@@ -133,3 +143,65 @@ def planted_loader(load: Callable[[str], np.ndarray], planted: pd.DataFrame,
         return plant_mass(image, x, y, r, contrast)
 
     return read
+
+
+def planted_lesion_contrasts(annotations: pd.DataFrame, films: P.FilmCache, contrast: float,
+                             seed: int = 0) -> pd.DataFrame:
+    """`lesion_contrast` of each planted mass where it sits (the tissue's own contrast there included)."""
+    planted = planted_annotations(annotations, films, seed)
+    read = planted_loader(films.image, planted, contrast)
+    rows = [(r.refnum, r.abnormality, r.severity, r.radius,
+             lesion_contrast(read(r.refnum), r.x, r.y, r.radius, films.mask(r.refnum)))
+            for r in planted[planted["has_location"]].itertuples()]
+    return pd.DataFrame(rows, columns=["refnum", "abnormality", "severity", "radius", "contrast"])
+
+
+def _nearest(table: pd.DataFrame, column: str, value: float) -> pd.Series:
+    """The row of `table` whose `column` is nearest `value`."""
+    return table.iloc[int((table[column] - value).abs().to_numpy().argmin())]
+
+
+def example_panels(annotations: pd.DataFrame, films: P.FilmCache, contrasts: tuple[float, ...] = (27, 54, 81),
+                   seed: int = 0, half_width: float = 3.0) -> list[dict[str, Any]]:
+    """`draw_detection_grid` panels: the real lesion of median contrast, then one planted mass at each contrast.
+
+    Every crop spans `half_width` radii either side of its centre. The planted panels show one mass at
+    each contrast, so they differ only in contrast: of the masses with a radius in the middle half that
+    no clipping at 255 flattens, the one whose tissue has the median contrast of its own (before any mass
+    is added).
+    """
+    real = real_lesion_contrasts(annotations, films)
+    if real.empty:
+        raise ValueError("no located lesion could be measured, so there is no real lesion to show")
+    lesion = _nearest(real, "contrast", real["contrast"].median())
+    located = annotations[annotations["has_location"] & (annotations["refnum"] == lesion.refnum)]
+    tissue = planted_lesion_contrasts(annotations, films, 0.0, seed)
+    strongest = planted_lesion_contrasts(annotations, films, max(contrasts), seed)
+    # Bright tissue clips a mass at 255, so it adds less than asked: show one that keeps its contrast.
+    kept = (strongest["contrast"] - tissue["contrast"]) >= 0.97 * max(contrasts)
+    q25, q75 = tissue["radius"].quantile([0.25, 0.75])
+    middle = tissue[tissue["radius"].between(q25, q75) & kept]
+    if middle.empty:
+        raise ValueError(f"no planted mass of middle radius keeps a contrast of {max(contrasts):g} unclipped")
+    mass = _nearest(middle, "contrast", middle["contrast"].median())
+    planted = planted_annotations(annotations, films, seed)
+    mass_row = planted[planted["has_location"] & (planted["refnum"] == mass.refnum)].iloc[0]
+
+    def panel(image: np.ndarray, row: Any, label: int, title: str) -> dict[str, Any]:
+        r = float(row["radius"])
+        top = int(np.clip(round(row["y"] - half_width * r), 0, max(image.shape[0] - 1, 0)))
+        left = int(np.clip(round(row["x"] - half_width * r), 0, max(image.shape[1] - 1, 0)))
+        size = int(round(2 * half_width * r))
+        box = [[row["y"] - r - top, row["x"] - r - left, row["y"] + r - top, row["x"] + r - left]]
+        return {"image": image[top: top + size, left: left + size], "gt_boxes": box, "gt_labels": [label],
+                "det_boxes": np.zeros((0, 4)), "det_labels": [], "det_scores": [], "title": title}
+
+    real_row = _nearest(located, "radius", lesion.radius)
+    panels = [panel(films.image(lesion.refnum), real_row, int(real_row["label_id"]),
+                    f"{lesion.refnum} {lesion.abnormality} {lesion.severity}, real\nmeasures {lesion.contrast:.1f}")]
+    for contrast in contrasts:
+        image = plant_mass(films.image(mass.refnum), mass_row["x"], mass_row["y"], mass.radius, contrast)
+        measured = lesion_contrast(image, mass_row["x"], mass_row["y"], mass.radius, films.mask(mass.refnum))
+        panels.append(panel(image, mass_row, int(mass_row["label_id"]),
+                            f"{mass.refnum}, planted +{contrast:g}\nmeasures {measured:.1f}"))
+    return panels

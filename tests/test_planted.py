@@ -121,7 +121,38 @@ def test_real_lesion_contrasts_and_their_summary(annotations):
 def test_the_command_prints_each_class(capsys):
     from mammo_tf import cli
 
-    assert cli.main(["lesion-contrast"]) == 0
+    assert cli.main(["lesion-contrast", "--planted", "27"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["all", "ARCH", "ASYM", "CALC", "CIRC", "MISC", "SPIC"]
+    assert [line.split()[0] for line in lines] == ["all", "ARCH", "ASYM", "CALC", "CIRC", "MISC", "SPIC", "planted"]
     assert all("median" in line for line in lines)
+    assert lines[-1].startswith("planted 27  n 104 ") and "clips 2 at 255" in lines[-1]
+
+
+def test_planted_masses_are_measured_where_they_sit(annotations):
+    some = annotations[annotations["refnum"] <= "mdb030"]
+    films = P.FilmCache(P.film_loader())
+    tissue = planted.planted_lesion_contrasts(some, films, 0.0)
+    masses = planted.planted_annotations(some, films)
+    assert list(tissue["refnum"]) == list(masses.loc[masses["has_location"], "refnum"]) and len(tissue) >= 3
+    added = planted.planted_lesion_contrasts(some, films, 30.0)["contrast"] - tissue["contrast"]
+    # the mass adds what was asked (less only where bright tissue clips it at 255), whatever lies beneath
+    assert (added <= 30.5).all() and (added >= 0).all() and added.median() == pytest.approx(30.0, abs=0.5)
+
+
+def test_example_panels_show_a_real_lesion_then_one_mass_at_each_contrast(annotations):
+    from mammo_tf.plots import detection as dplots
+
+    some = annotations[annotations["refnum"] <= "mdb060"]
+    panels = planted.example_panels(some, P.FilmCache(P.film_loader()), contrasts=(20, 40))
+    assert len(panels) == 3 and "real" in panels[0]["title"]
+    assert panels[0]["title"].split()[0] in set(some.loc[some["has_location"], "refnum"])
+    refnums = {p["title"].split(",")[0] for p in panels[1:]}
+    assert len(refnums) == 1 and refnums <= set(some["refnum"])
+    for panel, asked in zip(panels[1:], (20, 40)):
+        assert float(panel["title"].split()[-1]) == pytest.approx(asked, abs=1.0)
+        assert panel["image"].shape[0] == panel["image"].shape[1] and panel["image"].dtype == np.uint8
+        y0, x0, y1, x1 = panel["gt_boxes"][0]
+        assert 0 < y0 < y1 < panel["image"].shape[0] and 0 < x0 < x1 < panel["image"].shape[1]
+    # 8-bit crops are drawn on one grey scale, not each stretched to its own range
+    image = dplots.draw_detection_grid(panels, ncols=3).axes[1].images[0]
+    assert image.get_clim() == (0, 255)

@@ -148,7 +148,9 @@ def draw_detections(
         ax = fig.subplots()
     else:
         fig = ax.figure
-    ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+    # 8-bit grey levels as they are, so panels of different crops can be compared by eye
+    grey = {"vmin": 0, "vmax": 255} if img.dtype == np.uint8 and img.ndim == 2 else {}
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, **grey)
 
     def colour(label: int) -> str:
         return CLASS_COLOURS.get(label_names.get(int(label), ""), "yellow")
