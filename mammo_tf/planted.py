@@ -57,19 +57,21 @@ def _centre(mask: np.ndarray, r: float, rng: np.random.Generator) -> tuple[float
     return float(xs[i]), float(ys[i])
 
 
-def real_lesion_contrasts(annotations: pd.DataFrame, films: P.FilmCache) -> pd.DataFrame:
-    """`lesion_contrast` of each located lesion (refnum, abnormality, severity, radius, contrast).
+def lesion_contrasts(annotations: pd.DataFrame, films: P.FilmCache,
+                     read: Callable[[str], np.ndarray] | None = None) -> pd.DataFrame:
+    """The located lesions' annotation rows with their `lesion_contrast`, films read by `read` (default `films`).
 
     A lesion without breast pixels in its ring cannot be measured and is left out.
     """
-    rows = []
-    for row in annotations[annotations["has_location"]].itertuples():
+    read = read or films.image
+    located = annotations[annotations["has_location"]].reset_index(drop=True)
+    contrasts = []
+    for row in located.itertuples():
         try:
-            contrast = lesion_contrast(films.image(row.refnum), row.x, row.y, row.radius, films.mask(row.refnum))
+            contrasts.append(lesion_contrast(read(row.refnum), row.x, row.y, row.radius, films.mask(row.refnum)))
         except ValueError:
-            continue
-        rows.append((row.refnum, row.abnormality, row.severity, row.radius, contrast))
-    return pd.DataFrame(rows, columns=["refnum", "abnormality", "severity", "radius", "contrast"])
+            contrasts.append(np.nan)
+    return located.assign(contrast=contrasts).dropna(subset=["contrast"]).reset_index(drop=True)
 
 
 def contrast_summary(contrasts: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -95,7 +97,7 @@ def add_cli(sub: Any) -> None:
 def _cli(args: Any) -> int:
     films = P.FilmCache(P.film_loader(args.data))
     annotations = mias.load_annotations(args.data)
-    summaries = contrast_summary(real_lesion_contrasts(annotations, films))
+    summaries = contrast_summary(lesion_contrasts(annotations, films))
     notes = {}
     tissue = planted_lesion_contrasts(annotations, films, 0.0)["contrast"] if args.planted else None
     for contrast in args.planted:
@@ -147,13 +149,9 @@ def planted_loader(load: Callable[[str], np.ndarray], planted: pd.DataFrame,
 
 def planted_lesion_contrasts(annotations: pd.DataFrame, films: P.FilmCache, contrast: float,
                              seed: int = 0) -> pd.DataFrame:
-    """`lesion_contrast` of each planted mass where it sits (the tissue's own contrast there included)."""
+    """`lesion_contrasts` of the planted masses where they sit (the tissue's own contrast there included)."""
     planted = planted_annotations(annotations, films, seed)
-    read = planted_loader(films.image, planted, contrast)
-    rows = [(r.refnum, r.abnormality, r.severity, r.radius,
-             lesion_contrast(read(r.refnum), r.x, r.y, r.radius, films.mask(r.refnum)))
-            for r in planted[planted["has_location"]].itertuples()]
-    return pd.DataFrame(rows, columns=["refnum", "abnormality", "severity", "radius", "contrast"])
+    return lesion_contrasts(planted, films, planted_loader(films.image, planted, contrast))
 
 
 def _nearest(table: pd.DataFrame, column: str, value: float) -> pd.Series:
@@ -170,11 +168,10 @@ def example_panels(annotations: pd.DataFrame, films: P.FilmCache, contrasts: tup
     no clipping at 255 flattens, the one whose tissue has the median contrast of its own (before any mass
     is added).
     """
-    real = real_lesion_contrasts(annotations, films)
+    real = lesion_contrasts(annotations, films)
     if real.empty:
         raise ValueError("no located lesion could be measured, so there is no real lesion to show")
     lesion = _nearest(real, "contrast", real["contrast"].median())
-    located = annotations[annotations["has_location"] & (annotations["refnum"] == lesion.refnum)]
     tissue = planted_lesion_contrasts(annotations, films, 0.0, seed)
     strongest = planted_lesion_contrasts(annotations, films, max(contrasts), seed)
     # Bright tissue clips a mass at 255, so it adds less than asked: show one that keeps its contrast.
@@ -184,24 +181,21 @@ def example_panels(annotations: pd.DataFrame, films: P.FilmCache, contrasts: tup
     if middle.empty:
         raise ValueError(f"no planted mass of middle radius keeps a contrast of {max(contrasts):g} unclipped")
     mass = _nearest(middle, "contrast", middle["contrast"].median())
-    planted = planted_annotations(annotations, films, seed)
-    mass_row = planted[planted["has_location"] & (planted["refnum"] == mass.refnum)].iloc[0]
 
-    def panel(image: np.ndarray, row: Any, label: int, title: str) -> dict[str, Any]:
+    def panel(image: np.ndarray, row: Any, title: str) -> dict[str, Any]:
         r = float(row["radius"])
         top = int(np.clip(round(row["y"] - half_width * r), 0, max(image.shape[0] - 1, 0)))
         left = int(np.clip(round(row["x"] - half_width * r), 0, max(image.shape[1] - 1, 0)))
         size = int(round(2 * half_width * r))
         box = [[row["y"] - r - top, row["x"] - r - left, row["y"] + r - top, row["x"] + r - left]]
-        return {"image": image[top: top + size, left: left + size], "gt_boxes": box, "gt_labels": [label],
-                "det_boxes": np.zeros((0, 4)), "det_labels": [], "det_scores": [], "title": title}
+        return {"image": image[top: top + size, left: left + size], "gt_boxes": box,
+                "gt_labels": [int(row["label_id"])], "det_boxes": np.zeros((0, 4)), "det_labels": [],
+                "det_scores": [], "title": title}
 
-    real_row = _nearest(located, "radius", lesion.radius)
-    panels = [panel(films.image(lesion.refnum), real_row, int(real_row["label_id"]),
+    panels = [panel(films.image(lesion.refnum), lesion,
                     f"{lesion.refnum} {lesion.abnormality} {lesion.severity}, real\nmeasures {lesion.contrast:.1f}")]
     for contrast in contrasts:
-        image = plant_mass(films.image(mass.refnum), mass_row["x"], mass_row["y"], mass.radius, contrast)
-        measured = lesion_contrast(image, mass_row["x"], mass_row["y"], mass.radius, films.mask(mass.refnum))
-        panels.append(panel(image, mass_row, int(mass_row["label_id"]),
-                            f"{mass.refnum}, planted +{contrast:g}\nmeasures {measured:.1f}"))
+        image = plant_mass(films.image(mass.refnum), mass.x, mass.y, mass.radius, contrast)
+        measured = lesion_contrast(image, mass.x, mass.y, mass.radius, films.mask(mass.refnum))
+        panels.append(panel(image, mass, f"{mass.refnum}, planted +{contrast:g}\nmeasures {measured:.1f}"))
     return panels

@@ -106,7 +106,7 @@ def test_planted_runs_go_to_tables_of_their_own_without_the_poster(tmp_path):
 
 def test_real_lesion_contrasts_and_their_summary(annotations):
     some = annotations[annotations["refnum"] <= "mdb012"]
-    table = planted.real_lesion_contrasts(some, P.FilmCache(P.film_loader()))
+    table = planted.lesion_contrasts(some, P.FilmCache(P.film_loader()))
     assert list(table["refnum"]) == list(some.loc[some["has_location"], "refnum"])
     film = mias.load_image("mdb001")
     row = some[some["refnum"] == "mdb001"].iloc[0]
