@@ -1098,7 +1098,8 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
                 else schedule_label(tcfg, exp.select_on.replace('_', ' ')))
     model = f"SSD{exp.image_size} {cfg.backbone} ({init}, {schedule}, {_augmentation_label(exp)}{crops}{box_weight})"
     if exp.planted_contrast is not None:
-        model += f" on planted masses of contrast {exp.planted_contrast:g}"
+        # another seed plants other masses: its row must not read like the first draw's
+        model += f" on planted masses of contrast {exp.planted_contrast:g}" + (f", seed {exp.seed}" if exp.seed else "")
     name = (row_name or model) + (" [LEAKY split]" if exp.naive_split else "")
     return [
         {**common, "row": name, "values": _row_values(summary),

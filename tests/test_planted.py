@@ -102,6 +102,9 @@ def test_planted_runs_go_to_tables_of_their_own_without_the_poster(tmp_path):
     assert rows[0]["row"] == real[0]["row"] + " on planted masses of contrast 81"
     assert rows[0]["note"].startswith("PLANTED: not mini-MIAS's lesions but synthetic Gaussian masses of contrast 81")
     assert len(rows) == len(real) - 1
+    metrics["experiment"]["seed"] = 1  # another draw of the masses is named as such
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert D.refresh_rows(tmp_path)[0]["row"] == real[0]["row"] + " on planted masses of contrast 81, seed 1"
 
 
 def test_real_lesion_contrasts_and_their_summary(annotations):
