@@ -22,6 +22,8 @@ from mammo_tf import patches as P
 from mammo_tf.data import mias
 
 PLANTED_SHARE = 0.5
+# A mass that adds under this share of its contrast counts as clipped at 255 by bright tissue.
+KEPT_SHARE = 0.97
 # Mean of exp(-d^2 / (2 sigma^2)), sigma = r / 2, over the disc d <= r / 2: 2 (1 - e^(-1/2)). The
 # bump's tail adds about 0.4 % of that to the ring, so a mass measures within 1 % of its contrast.
 _INNER_MEAN = 2.0 * (1.0 - np.exp(-0.5))
@@ -103,8 +105,8 @@ def _cli(args: Any) -> int:
     for contrast in args.planted:
         measured = planted_lesion_contrasts(annotations, films, contrast)
         summaries[f"planted {contrast:g}"] = contrast_summary(measured)["all"]
-        clipped = int(((measured["contrast"] - tissue) < 0.97 * contrast).sum())
-        notes[f"planted {contrast:g}"] = f"  (bright tissue clips {clipped} at 255 to under 97 % of {contrast:g})"
+        clipped = int(((measured["contrast"] - tissue) < KEPT_SHARE * contrast).sum())
+        notes[f"planted {contrast:g}"] = f"  (bright tissue clips {clipped} at 255 to under {KEPT_SHARE:.0%} of {contrast:g})"
     for name, q in summaries.items():
         print(f"{name:11s} n {q['n']:3d}  median {q['median']:5.1f}  "
               f"quartiles {q['q25']:5.1f} .. {q['q75']:5.1f} grey levels{notes.get(name, '')}")
@@ -175,7 +177,7 @@ def example_panels(annotations: pd.DataFrame, films: P.FilmCache, contrasts: tup
     tissue = planted_lesion_contrasts(annotations, films, 0.0, seed)
     strongest = planted_lesion_contrasts(annotations, films, max(contrasts), seed)
     # Bright tissue clips a mass at 255, so it adds less than asked: show one that keeps its contrast.
-    kept = (strongest["contrast"] - tissue["contrast"]) >= 0.97 * max(contrasts)
+    kept = (strongest["contrast"] - tissue["contrast"]) >= KEPT_SHARE * max(contrasts)
     q25, q75 = tissue["radius"].quantile([0.25, 0.75])
     middle = tissue[tissue["radius"].between(q25, q75) & kept]
     if middle.empty:
