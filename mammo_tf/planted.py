@@ -106,7 +106,8 @@ def _cli(args: Any) -> int:
         measured = planted_lesion_contrasts(annotations, films, contrast)
         summaries[f"planted {contrast:g}"] = contrast_summary(measured)["all"]
         clipped = int(((measured["contrast"] - tissue) < KEPT_SHARE * contrast).sum())
-        notes[f"planted {contrast:g}"] = f"  (bright tissue clips {clipped} at 255 to under {KEPT_SHARE:.0%} of {contrast:g})"
+        notes[f"planted {contrast:g}"] = (f"  (bright tissue clips {clipped} at 255 to under {KEPT_SHARE:.0%} "
+                                          f"of {contrast:g})")
     for name, q in summaries.items():
         print(f"{name:11s} n {q['n']:3d}  median {q['median']:5.1f}  "
               f"quartiles {q['q25']:5.1f} .. {q['q75']:5.1f} grey levels{notes.get(name, '')}")
