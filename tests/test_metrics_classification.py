@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from mammo_tf.metrics.classification import (
     bootstrap_auc_ci,
+    rank_auc,
     classification_report_dict,
     safe_roc_auc,
     summarise_folds,
@@ -63,6 +64,18 @@ def test_report_rejects_bad_input():
         classification_report_dict(Y, P[:5])
     with pytest.raises(ValueError, match=r"class ids in \[0, 3\)"):
         classification_report_dict([0, 3], P[:2])
+
+
+@pytest.mark.parametrize("decimals", [3, 1])  # 1 decimal: many tied scores, within and across classes
+def test_rank_auc_equals_scikit_learn(decimals):
+    rng = np.random.default_rng(decimals)
+    for n, share in ((7, 0.3), (60, 0.5), (400, 0.1)):
+        y = rng.random(n) < share
+        y[:2] = [True, False]
+        s = np.round(y * 0.3 + rng.random(n), decimals)
+        assert rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert rank_auc([1, 0, 1], [0.9, 0.9, 0.9]) == 0.5 and rank_auc([0, 1], [0.2, 0.1]) == 0.0
+    assert math.isnan(rank_auc([1, 1], [0.3, 0.4]))
 
 
 def test_bootstrap_deterministic_and_brackets_estimate():

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.stats import rankdata
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -59,6 +60,17 @@ def safe_roc_auc(y_true: ArrayLike, score: ArrayLike) -> float:
     if len(np.unique(y)) < 2:
         return float("nan")
     return float(roc_auc_score(y, s))
+
+
+def rank_auc(y_true: ArrayLike, score: ArrayLike) -> float:
+    """Binary ROC AUC as the Mann-Whitney U over n1 * n0 (ties as mid-ranks): ``roc_auc_score`` to rounding."""
+    y, s = _binary(y_true, score)
+    n1 = int(y.sum())
+    if n1 in (0, len(y)):
+        return float("nan")
+    # A bootstrap computes thousands of AUCs on small arrays, where scikit-learn's input checks cost
+    # some ten times the arithmetic; the rank identity gives the same number without them.
+    return float((rankdata(s)[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * (len(y) - n1)))
 
 
 def classification_report_dict(
@@ -152,8 +164,8 @@ def bootstrap_auc_ci(
         for idx in parts:
             if y[idx].min() == y[idx].max():
                 return float("nan")
-            auc = roc_auc_score(y[idx], s[idx])
-            values.append(auc - roc_auc_score(y[idx], b[idx]) if b is not None else auc)
+            auc = rank_auc(y[idx], s[idx])
+            values.append(auc - rank_auc(y[idx], b[idx]) if b is not None else auc)
         return float(np.mean(values))
 
     point = statistic([np.concatenate(units) for units in strata_units])
