@@ -19,6 +19,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _results import report  # noqa: E402  (benchmarks/ is the script's own folder)
+
 
 def small_cnn(size: int = 128, n_classes: int = 3):
     """The project's small classifier (`mammo_tf.models.classifier`), or an inline copy of its layout."""
@@ -79,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     import tensorflow as tf
 
-    from mammo_tf import io
     from mammo_tf import patches as P
     from mammo_tf import pipelines as PL
     from mammo_tf.data import mias
@@ -108,24 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
         "training_patches_per_s": round(training, 1),
         "pipeline_to_training_ratio": round(pipeline / training, 2),
     }
-    for k, v in result.items():
-        print(f"{k:>28}: {v}")
-    if args.json:
-        from mammo_tf.config import provenance
-
-        prov = provenance("python benchmarks/bench_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        hw = prov["hardware"]
-        result["results"] = [{
-            "table": "Benchmark: input pipeline vs training step (same process)",
-            "row": f"{args.strategy} {args.size} px, batch {args.batch}",
-            "values": {"pipeline patches/s": result["pipeline_patches_per_s"],
-                       "training patches/s": result["training_patches_per_s"],
-                       "ratio": result["pipeline_to_training_ratio"]},
-            "note": "ratio > 1: the input pipeline is not the bottleneck",
-            "command": prov["command"], "hardware": f"{hw['cpu']} ({hw['cpu_count']} cores), GPUs: {hw['gpus']}",
-            "date": prov["date"],
-        }]
-        io.save_json(args.json, result)
+    report(result, "bench_pipeline.py", argv, args.json,
+           table="Benchmark: input pipeline vs training step (same process)",
+           row=f"{args.strategy} {args.size} px, batch {args.batch}",
+           values={"pipeline patches/s": result["pipeline_patches_per_s"],
+                   "training patches/s": result["training_patches_per_s"],
+                   "ratio": result["pipeline_to_training_ratio"]},
+           note="ratio > 1: the input pipeline is not the bottleneck")
     return result
 
 

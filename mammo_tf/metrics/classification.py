@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -131,6 +131,7 @@ def bootstrap_auc_ci(
     alpha: float = 0.05,
     baseline: ArrayLike | None = None,
     strata: ArrayLike | None = None,
+    auc: Callable[[np.ndarray, np.ndarray], float] = rank_auc,
 ) -> dict[str, Any]:
     """Percentile bootstrap CI of a binary ROC AUC (or of AUC minus a baseline's), resampling whole groups.
 
@@ -139,6 +140,7 @@ def bootstrap_auc_ci(
     cross-validation fold of every sample), groups are resampled within their stratum and the
     statistic is the mean of the per-stratum values, as a mean over folds is. Resamples in which
     a stratum holds a single class have no AUC and are skipped; ``n_valid`` counts the rest.
+    ``auc`` computes each AUC (``benchmarks/bench_bootstrap.py`` times ``roc_auc_score`` beside it).
     """
     y, s = _binary(y_true, score)
     b = None if baseline is None else _binary(y, baseline)[1]
@@ -164,8 +166,8 @@ def bootstrap_auc_ci(
         for idx in parts:
             if y[idx].min() == y[idx].max():
                 return float("nan")
-            auc = rank_auc(y[idx], s[idx])
-            values.append(auc - rank_auc(y[idx], b[idx]) if b is not None else auc)
+            value = auc(y[idx], s[idx])
+            values.append(value - auc(y[idx], b[idx]) if b is not None else value)
         return float(np.mean(values))
 
     point = statistic([np.concatenate(units) for units in strata_units])
