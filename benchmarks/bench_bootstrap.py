@@ -4,7 +4,7 @@
                                          [--json FILE]
 
 On a committed classifier run's out-of-fold patch predictions (every fold's `patch_predictions.csv`:
-thousands of test patches, a few hundred patients), `bootstrap_auc_ci` computes the paired CI of
+thousands of test patches of some 160 patients), `bootstrap_auc_ci` computes the paired CI of
 CNN minus logistic abnormal AUC, test patients resampled within each fold, as `classify.paired_bootstrap`
 does, once with each AUC function and the same seed, the two interleaved within each repeat. Prints
 the median seconds of each, their ratio, and the largest difference between the two CIs' ends (the
