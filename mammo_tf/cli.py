@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
     cascade.add_cli(sub)
     external_eval.add_cli(sub)
-    from mammo_tf import bilateral, ensemble, paired_detection, planted, selection
+    from mammo_tf import bilateral, ensemble, paired_detection, planted, planted_curve, selection
 
     bilateral.add_cli(sub)
     planted.add_cli(sub)
@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "two detector run directories on the same test samples",
                      {"min_iou": {"type": float, "help": "a lesion counts as found only when its hit box overlaps it "
                                   "by this IoU too (e.g. 0.5, what VOC AP asks)"}})
+    add_runs_command(sub, "contrast-curve", planted_curve.evaluate,
+                     "planted-mass detector runs' sensitivity against contrast, beside the real lesions (stored outputs)",
+                     "planted-mass detector run directories (one recipe; any contrasts and seeds)",
+                     {"real": {"default": None, "help": "the same recipe's run on the real lesions"}})
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")

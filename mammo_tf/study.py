@@ -144,17 +144,21 @@ def step_report(cfg: dict, out: Path) -> dict:
     models = out / "models"
     if not models.is_dir():
         return {}
-    from mammo_tf import bilateral, ensemble, paired_detection, selection
+    from mammo_tf import bilateral, ensemble, paired_detection, planted_curve, selection
 
     if any(models.glob("*/fold*/film_predictions.csv")):  # the classifier runs' films, read bilaterally
         bilateral.evaluate(models, models / "bilateral_films", command="study step report (bilateral)")
-    # Replicates of one recipe, a recipe per fold chosen on validation patients, and two detectors on the
-    # same test lesions, once every run is trained.
-    for key, module in (("ensembles", ensemble), ("selections", selection), ("paired_detectors", paired_detection)):
+    # Replicates of one recipe, a recipe per fold chosen on validation patients, two detectors on the same
+    # test lesions, and planted-mass runs against contrast, once every run is trained.
+    groups = (("ensembles", ensemble), ("selections", selection), ("paired_detectors", paired_detection),
+              ("contrast_curves", planted_curve))
+    for key, module in groups:
         for group in cfg.get(key, []):
             runs = [models / name for name in group["runs"]]
-            if all((run / "metrics.json").is_file() for run in runs):
-                settings = {k: v for k, v in group.items() if k not in ("name", "runs")}  # e.g. a pair's min_iou
+            # e.g. a pair's min_iou, a curve's real-lesion run
+            settings = {k: models / v if k == "real" else v for k, v in group.items() if k not in ("name", "runs")}
+            inputs = runs + ([settings["real"]] if "real" in settings else [])
+            if all((run / "metrics.json").is_file() for run in inputs):
                 module.evaluate(runs, models / group["name"], command=f"study step report ({key} {group['name']})",
                                 **settings)
     path = report.write_report(models)

@@ -33,10 +33,11 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     assert {"data", "classifier", "detector", "cascade", "external", "report"} <= set(cfg["steps"])
     assert cfg["cascade"]["classifier"] in names and cfg["cascade"]["detector"] in names
     assert cfg["external"]["classifier"] in names and set(cfg["external"]["detector"]) <= set(names)
+    exps = {e.name: e for e in map(detector.load_experiment, (ROOT / p for p in cfg["detector"]))}
     # The blob reference runs beside detectors of this setting.
-    assert set(cfg.get("detector_baselines", [])) <= {detector.load_experiment(ROOT / p).name for p in cfg["detector"]}
+    assert set(cfg.get("detector_baselines", [])) <= set(exps)
     # The tiled search uses crops detectors of this setting.
-    crops = {e.name for e in map(detector.load_experiment, (ROOT / p for p in cfg["detector"])) if e.protocol == "crops"}
+    crops = {name for name, e in exps.items() if e.protocol == "crops"}
     tiled_runs = [tiled.study_entry(e) for e in cfg.get("tiled_detectors", [])]
     assert {n for n, _ in tiled_runs} | {x for _, t in tiled_runs for x in t.partners} <= crops
     runs = set(names) | {candidates.run_name(n) for n in cfg.get("detector_baselines", [])}
@@ -45,9 +46,15 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     for group in cfg.get("ensembles", []) + cfg.get("selections", []) + cfg.get("paired_detectors", []):
         assert len(group["runs"]) >= 2 and set(group["runs"]) <= runs and group["name"] not in runs
     assert all(len(group["runs"]) == 2 for group in cfg.get("paired_detectors", []))
-    # A group's other settings are keyword arguments of its step (`study.step_report`): only a pair's min_iou.
-    for key in ("ensembles", "selections", "paired_detectors"):
-        allowed = {"name", "runs"} | ({"min_iou"} if key == "paired_detectors" else set())
+    # A contrast curve gathers planted-mass detectors of this setting, beside a detector of the real lesions.
+    for group in cfg.get("contrast_curves", []):
+        assert group["runs"] and all(exps[n].planted_contrast is not None for n in group["runs"])
+        assert exps[group["real"]].planted_contrast is None and group["name"] not in runs
+    # A group's other settings are keyword arguments of its step (`study.step_report`): a pair's min_iou, a
+    # curve's real-lesion run.
+    extra = {"paired_detectors": {"min_iou"}, "contrast_curves": {"real"}}
+    for key in ("ensembles", "selections", "paired_detectors", "contrast_curves"):
+        allowed = {"name", "runs"} | extra.get(key, set())
         assert all(set(group) <= allowed for group in cfg.get(key, [])), key
 
 
@@ -69,9 +76,10 @@ def test_every_committed_reference_and_comparison_is_in_the_full_setting():
     cfg = _full()
     listed = {candidates.run_name(n) for n in cfg.get("detector_baselines", [])}
     listed |= {tiled.run_name(*tiled.study_entry(e)) for e in cfg.get("tiled_detectors", [])}
-    listed |= {g["name"] for key in ("ensembles", "selections", "paired_detectors") for g in cfg.get(key, [])}
+    listed |= {g["name"] for key in ("ensembles", "selections", "paired_detectors", "contrast_curves")
+               for g in cfg.get(key, [])}
     committed = {d.name for d in (ROOT / "models").iterdir() if d.name.startswith(("blobs_", "paired_", "replicates_",
-                                                                                    "selection_", "tiled_"))}
+                                                                                    "selection_", "tiled_", "contrast_"))}
     assert committed and committed <= listed, f"not in configs/full.yaml: {sorted(committed - listed)}"
 
 

@@ -57,20 +57,24 @@ def test_a_fact_reported_twice_is_listed_once_but_rows_with_other_notes_are_kept
 
 
 def test_the_report_step_passes_a_groups_own_settings_to_its_step_once_its_runs_are_there(tmp_path, monkeypatch):
-    from mammo_tf import ensemble, paired_detection, study
+    from mammo_tf import ensemble, paired_detection, planted_curve, study
 
     models = tmp_path / "models"
-    for name in ("a", "b"):
+    for name in ("a", "b", "real"):
         save_json(models / name / "metrics.json", {})
     calls = []
-    for module in (ensemble, paired_detection):
+    for module in (ensemble, paired_detection, planted_curve):
         monkeypatch.setattr(module, "evaluate", lambda runs, out, command, _m=module.__name__, **kw:
                             calls.append((_m, [r.name for r in runs], out.name, kw)))
     monkeypatch.setattr(report, "write_report", lambda models: models / "REPORT.md")
     monkeypatch.setattr(report, "collect_rows", lambda models: [])
     cfg = {"paired_detectors": [{"name": "p", "runs": ["a", "b"], "min_iou": 0.5}, {"name": "q", "runs": ["a", "b"]}],
-           "ensembles": [{"name": "e", "runs": ["a", "missing"]}]}
+           "ensembles": [{"name": "e", "runs": ["a", "missing"]}],
+           "contrast_curves": [{"name": "c", "runs": ["a", "b"], "real": "real"},
+                               {"name": "d", "runs": ["a"], "real": "missing"}]}
     assert study.step_report(cfg, tmp_path) == {"report": str(models / "REPORT.md")}
-    # The ensemble waits for its missing run; each pair gets its own settings, and only those.
+    # The ensemble and the second curve wait for their missing runs; each pair gets its own settings, and only
+    # those; a curve's real-lesion run is a folder beside the others, not one of its runs.
     assert calls == [("mammo_tf.paired_detection", ["a", "b"], "p", {"min_iou": 0.5}),
-                     ("mammo_tf.paired_detection", ["a", "b"], "q", {})]
+                     ("mammo_tf.paired_detection", ["a", "b"], "q", {}),
+                     ("mammo_tf.planted_curve", ["a", "b"], "c", {"real": models / "real"})]

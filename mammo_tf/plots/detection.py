@@ -311,3 +311,37 @@ def plot_snapshot_selection(selection: Mapping[int, Mapping[str, Any]]) -> Figur
     fig.suptitle("Epoch kept by validation mAP", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_contrast_curve(points: Any, real: Mapping[str, Any] | None = None) -> Figure:
+    """Sensitivity at 1 FP/image against planted contrast (folds as dots, each draw's mean ± std), real lesions beside."""
+    fig = Figure(figsize=(7.0, 5.6), layout="constrained")
+    ax = fig.subplots()
+    seeds = sorted(points["seed"].unique())
+    width = 1.5  # grey levels between draws of one contrast, so their bars do not hide each other
+    for i, seed in enumerate(seeds):
+        draw = points[points["seed"] == seed]
+        x = draw["contrast"] + (i - (len(seeds) - 1) / 2) * width
+        ax.plot(x, draw["sensitivity"], ".", color=f"C{i}", alpha=0.35, ms=5)
+        stats = draw.assign(x=x).groupby("contrast").agg(x=("x", "first"), mean=("sensitivity", "mean"),
+                                                         std=("sensitivity", "std"))
+        ax.errorbar(stats["x"], stats["mean"], yerr=stats["std"], fmt="o", color=f"C{i}", capsize=3,
+                    label=f"planted, draw of seed {seed} (folds, mean ± std)")
+    means = points.groupby(["contrast", "seed"])["sensitivity"].mean().groupby("contrast").mean()
+    ax.plot(means.index, means.to_numpy(), "k--", lw=1, label="planted, mean of the draws")
+    chance = points.groupby("contrast")["random"].mean()
+    ax.plot(chance.index, chance.to_numpy(), ":", color="0.5", label="random boxes")
+    if real is not None:
+        q, sens = real["contrast"], np.asarray(real["fold_sensitivity"], float)
+        ax.plot(np.full(len(sens), q["median"]), sens, ".", color="C3", alpha=0.35, ms=5)
+        ax.errorbar([q["median"]], [sens.mean()], yerr=[sens.std(ddof=1)],
+                    xerr=[[q["median"] - q["q25"]], [q["q75"] - q["median"]]], fmt="s", color="C3", capsize=3,
+                    label=f"real lesions, same recipe ({real['found']}/{real['n']}; contrast median, quartiles)")
+    ax.set(xlabel="lesion contrast (grey levels: centre mean minus surrounding breast)",
+           ylabel="lesions found at 1 false positive per image", ylim=(0, 1.02),
+           xlim=(0, max(points["contrast"].max(), real["contrast"]["q75"] if real else 0) + 8),
+           title="Whole-film SSD: how subtle may a lesion be?")
+    ax.set_xticks(sorted(set(points["contrast"])), [f"{c:g}" for c in sorted(set(points["contrast"]))])
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize="small", loc="outside lower center", ncol=2)
+    return fig

@@ -1,0 +1,132 @@
+"""Sensitivity against contrast: the planted-mass runs side by side, beside the real lesions.
+
+Each planted run (:mod:`mammo_tf.planted`) trains and tests one recipe on masses of one contrast
+and one seed's draw of films, positions, radii and folds. This gathers, from the runs' committed
+``metrics.json``, each fold's sensitivity at 1 false positive per image, summarises each contrast
+over its draws (the mean of the draws' fold means, and their spread when there are several), and
+places the real lesions found by the same recipe at their own measured contrast (median and
+quartiles, :func:`mammo_tf.planted.lesion_contrasts`). Nothing is trained or re-scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mammo_tf import detector as D
+from mammo_tf import patches as P
+from mammo_tf.config import from_dict, hardware_label, provenance
+from mammo_tf.data import mias
+from mammo_tf.io import load_json, save_figure, save_json
+
+TABLE = "Detection, whole films: planted masses found at 1 false positive per image, by contrast [PLANTED]"
+# Settings a planted run may differ in from the real-lesion run and still be the same recipe.
+_DRAW_KEYS = ("name", "seed", "planted_contrast")
+
+
+def _recipe(metrics: dict) -> tuple[D.DetectorExperiment, dict]:
+    """The run's experiment, and its settings other than name, seed and planted contrast."""
+    exp = from_dict(D.DetectorExperiment, metrics["experiment"])
+    return exp, {k: v for k, v in dataclasses.asdict(exp).items() if k not in _DRAW_KEYS}
+
+
+def _found(metrics: dict) -> tuple[int, int]:
+    """Test lesions found at 1 FP/image and located test lesions, pooled over the folds."""
+    groups = metrics["lesions_found"]["abnormality"].values()
+    return sum(g["found"] for g in groups), sum(g["n"] for g in groups)
+
+
+def fold_points(run_metrics: list[dict]) -> pd.DataFrame:
+    """One row per planted run and fold: run, contrast, seed, fold, sensitivity at 1 FP/image (model, random boxes)."""
+    rows = []
+    for m in run_metrics:
+        exp = m["experiment"]
+        for f in m["folds"]:
+            rows.append({"run": exp["name"], "contrast": float(exp["planted_contrast"]), "seed": int(exp["seed"]),
+                         "fold": int(f["fold"]), "sensitivity": float(f["model"]["sens_at_1fp"]),
+                         "random": float(f["random_boxes_random_class"]["sens_at_1fp"])})
+    return pd.DataFrame(rows, columns=["run", "contrast", "seed", "fold", "sensitivity", "random"])
+
+
+def by_contrast(points: pd.DataFrame) -> pd.DataFrame:
+    """Per contrast: draws, mean of the draws' fold means, spread of those means (n-1; NaN for one draw), random boxes."""
+    draws = points.groupby(["contrast", "seed"]).agg(sensitivity=("sensitivity", "mean"), random=("random", "mean"))
+    summary = draws.groupby("contrast").agg(draws=("sensitivity", "size"), mean=("sensitivity", "mean"),
+                                            spread=("sensitivity", "std"), random=("random", "mean"))
+    return summary.reset_index()
+
+
+def real_lesions(metrics: dict, annotations: pd.DataFrame, films: P.FilmCache) -> dict[str, Any]:
+    """The real-lesion run's fold sensitivities and pooled count, with the lesions' contrast quartiles."""
+    from mammo_tf.planted import contrast_summary, lesion_contrasts
+
+    found, n = _found(metrics)
+    return {"run": metrics["experiment"]["name"],
+            "fold_sensitivity": [float(f["model"]["sens_at_1fp"]) for f in metrics["folds"]],
+            "found": found, "n": n, "contrast": contrast_summary(lesion_contrasts(annotations, films))["all"]}
+
+
+def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None,
+             real: str | Path | None = None, annotations: pd.DataFrame | None = None) -> dict:
+    """Gather planted runs (and the real-lesion run of the same recipe) into a table and `planted_contrast.png`."""
+    from mammo_tf.plots import detection as dplots
+
+    dirs = [Path(d) for d in run_dirs]
+    runs = [load_json(d / "metrics.json") for d in dirs]
+    for d, m in zip(dirs, runs):
+        if m["experiment"].get("planted_contrast") is None:
+            raise ValueError(f"{d.name} is not a planted-mass run (no planted_contrast)")
+    recipes = [_recipe(m) for m in runs]
+    reference = None
+    if real is not None:
+        reference = load_json(Path(real) / "metrics.json")
+        if reference["experiment"].get("planted_contrast") is not None:
+            raise ValueError(f"{Path(real).name} is a planted-mass run, not the real lesions")
+        recipes.append(_recipe(reference))
+    names = [d.name for d in dirs] + ([Path(real).name] if real is not None else [])
+    for (_, settings), name in zip(recipes, names):
+        changed = sorted(k for k in settings if settings[k] != recipes[0][1].get(k))
+        if changed:
+            raise ValueError(f"{name} is not {names[0]}'s recipe (differs in {', '.join(changed)})")
+    points = fold_points(runs)
+    summary = by_contrast(points)
+    exp = recipes[0][0]
+    if reference is not None:
+        annotations = annotations if annotations is not None else mias.load_annotations(exp.data)
+        reference = real_lesions(reference, annotations, P.FilmCache(P.film_loader(exp.data)))
+    prov = provenance(command)
+    common = {"table": TABLE, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
+              "note": ("sensitivity at 1 FP/image (box centre in the lesion); each draw (seed: films, positions, "
+                       "radii, folds, initial weights) as mean ± std over its 5 patient folds; the contrast as the "
+                       "mean of the draws' means ± their spread (n - 1) where there are several")}
+    results = []
+    for row in summary.itertuples():
+        draws = points[points["contrast"] == row.contrast].groupby("seed")["sensitivity"]
+        found = [_found(m) for m in runs if float(m["experiment"]["planted_contrast"]) == row.contrast]
+        results.append({**common, "row": f"planted masses of contrast {row.contrast:g} ({row.draws} "
+                                         f"draw{'s' if row.draws > 1 else ''})",
+                        "values": {"sensitivity at 1 FP/image": [row.mean, row.spread],
+                                   "per draw": " / ".join(f"{g.mean():.3f} ± {g.std():.3f} (seed {s})"
+                                                          for s, g in draws),
+                                   "found (draws pooled)": f"{sum(f for f, _ in found)}/{sum(n for _, n in found)}",
+                                   "random boxes": [row.random, float("nan")]}})
+    if reference is not None:
+        q = reference["contrast"]
+        sens = np.asarray(reference["fold_sensitivity"])
+        results.append({**common, "row": (f"real lesions ({reference['run']}): contrast median {q['median']:.1f}, "
+                                          f"quartiles {q['q25']:.1f}-{q['q75']:.1f} ({q['n']} measured)"),
+                        "values": {"sensitivity at 1 FP/image": [float(sens.mean()), float(sens.std(ddof=1))],
+                                   "per draw": f"{sens.mean():.3f} ± {sens.std(ddof=1):.3f} (seed {exp.seed})",
+                                   "found (draws pooled)": f"{reference['found']}/{reference['n']}"}})
+    metrics = {"runs": [str(d) for d in dirs], "real": str(real) if real is not None else None,
+               "folds": points.to_dict("records"), "by_contrast": summary.to_dict("records"),
+               "real_lesions": reference, "results": results, "provenance": prov}
+    out = Path(out_dir)
+    save_figure(dplots.plot_contrast_curve(points, reference), out / "planted_contrast.png")
+    save_json(out / "metrics.json", metrics)
+    return metrics
+
