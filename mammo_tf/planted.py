@@ -65,8 +65,11 @@ def lesion_contrasts(annotations: pd.DataFrame, films: P.FilmCache,
 
     A lesion without breast pixels in its ring cannot be measured and is left out.
     """
+    from mammo_tf.detector import lesion_numbers
+
     read = read or films.image
-    located = annotations[annotations["has_location"]].reset_index(drop=True)
+    # `lesion` (its place among the film's located lesions) keys it to a detector run's lesions_found.csv.
+    located = annotations[annotations["has_location"]].assign(lesion=lesion_numbers(annotations)).reset_index(drop=True)
     contrasts = []
     for row in located.itertuples():
         try:

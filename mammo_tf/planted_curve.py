@@ -22,8 +22,10 @@ from mammo_tf import patches as P
 from mammo_tf.config import from_dict, hardware_label, provenance
 from mammo_tf.data import mias
 from mammo_tf.io import load_json, save_figure, save_json
+from mammo_tf.paired_detection import load_lesions
 
 TABLE = "Detection, whole films: planted masses found at 1 false positive per image, by contrast [PLANTED]"
+REAL_TABLE = "Detection, whole films: real lesions found at 1 false positive per image, by their measured contrast"
 # Settings a planted run may differ in from the real-lesion run and still be the same recipe.
 _DRAW_KEYS = ("name", "seed", "planted_contrast")
 
@@ -60,14 +62,34 @@ def by_contrast(points: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
-def real_lesions(metrics: dict, annotations: pd.DataFrame, films: P.FilmCache) -> dict[str, Any]:
-    """The real-lesion run's fold sensitivities and pooled count, with the lesions' contrast quartiles."""
+def real_lesions(metrics: dict, lesions: pd.DataFrame, annotations: pd.DataFrame, films: P.FilmCache,
+                 n_bins: int = 4) -> dict[str, Any]:
+    """The real-lesion run's fold sensitivities and pooled count, the lesions' contrast quartiles, and its
+    test lesions (``lesions``: its lesions_found.csv) found per contrast bin (equal counts), with a rank test of
+    the contrast of the lesions it found against those it missed."""
+    from scipy.stats import binomtest, mannwhitneyu
+
     from mammo_tf.planted import contrast_summary, lesion_contrasts
 
-    found, n = _found(metrics)
+    contrasts = lesion_contrasts(annotations, films)
+    tested = lesions.merge(contrasts[["refnum", "lesion", "contrast"]], on=["refnum", "lesion"], how="inner")
+    bins = []
+    for interval, g in tested.groupby(pd.qcut(tested["contrast"], n_bins), observed=True):
+        k, n = int(g["found"].sum()), len(g)
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        bins.append({"low": float(g["contrast"].min()), "high": float(g["contrast"].max()),
+                     "median": float(g["contrast"].median()), "n": n, "found": k, "sensitivity": k / n,
+                     "ci": [float(ci.low), float(ci.high)]})
+    found, missed = (tested.loc[tested["found"] == hit, "contrast"] for hit in (True, False))
+    test = mannwhitneyu(found, missed, alternative="two-sided") if len(found) and len(missed) else None
+    n_found, n = _found(metrics)
     return {"run": metrics["experiment"]["name"],
             "fold_sensitivity": [float(f["model"]["sens_at_1fp"]) for f in metrics["folds"]],
-            "found": found, "n": n, "contrast": contrast_summary(lesion_contrasts(annotations, films))["all"]}
+            "found": n_found, "n": n, "contrast": contrast_summary(contrasts)["all"], "by_contrast": bins,
+            "found_vs_missed": {"n_found": int(len(found)), "n_missed": int(len(missed)),
+                                "median_found": float(found.median()) if len(found) else None,
+                                "median_missed": float(missed.median()) if len(missed) else None,
+                                "p": float(test.pvalue) if test is not None else None}}
 
 
 def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None,
@@ -97,7 +119,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
     exp = recipes[0][0]
     if reference is not None:
         annotations = annotations if annotations is not None else mias.load_annotations(exp.data)
-        reference = real_lesions(reference, annotations, P.FilmCache(P.film_loader(exp.data)))
+        reference = real_lesions(reference, load_lesions(Path(real)), annotations, P.FilmCache(P.film_loader(exp.data)))
     prov = provenance(command)
     common = {"table": TABLE, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
               "note": ("sensitivity at 1 FP/image (box centre in the lesion); each draw (seed: films, positions, "
@@ -122,6 +144,19 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                         "values": {"sensitivity at 1 FP/image": [float(sens.mean()), float(sens.std(ddof=1))],
                                    "per draw": f"{sens.mean():.3f} ± {sens.std(ddof=1):.3f} (seed {exp.seed})",
                                    "found (draws pooled)": f"{reference['found']}/{reference['n']}"}})
+        fm = reference["found_vs_missed"]
+        results.append({"table": REAL_TABLE, "command": prov["command"], "hardware": hardware_label(prov),
+                        "date": prov["date"], "row": reference["run"],
+                        "values": {**{f"contrast {b['low']:.1f} to {b['high']:.1f}": f"{b['found']}/{b['n']}"
+                                      for b in reference["by_contrast"]},
+                                   "median contrast, found / missed": (f"{fm['median_found']:.1f} / "
+                                                                       f"{fm['median_missed']:.1f}"),
+                                   "rank test p": f"{fm['p']:.2g}"},
+                        "note": ("located test lesions whose contrast could be measured, pooled over the folds, "
+                                 "each fold at its own threshold for at most 1 false positive per image (box centre "
+                                 "in the lesion), in bins of equal counts of their measured contrast; rank test: "
+                                 "two-sided Mann-Whitney U of the contrast of the lesions found against those "
+                                 "missed. Contrast goes with lesion type and size, so this does not separate them")})
     metrics = {"runs": [str(d) for d in dirs], "real": str(real) if real is not None else None,
                "folds": points.to_dict("records"), "by_contrast": summary.to_dict("records"),
                "real_lesions": reference, "results": results, "provenance": prov}

@@ -33,6 +33,11 @@ def test_draws_of_one_contrast_are_averaged_and_the_real_lesions_sit_at_their_me
             _run(tmp_path, "p54_s0", [0.5, 0.7], 6, contrast=54.0)]
     real = _run(tmp_path, "real", [0.1, 0.3], 2, contrast=None)
     some = annotations[annotations["refnum"] <= "mdb030"]
+    # Its test lesions (keyed as a detector run keeps them): found exactly when brighter than the median lesion.
+    measured = planted.lesion_contrasts(some, P.FilmCache(P.film_loader()))
+    bright = measured["contrast"] > measured["contrast"].median()
+    measured.assign(fold=0, crop_top=0, crop_left=0, found=bright, found_random=False)[list(D.LESION_KEYS) + [
+        "found", "found_random"]].to_csv(real / D.LESIONS_FILE, index=False)
     metrics = planted_curve.evaluate(runs, tmp_path / "curve", command="pytest", real=real, annotations=some)
     rows = {r["row"].split(" (")[0]: r["values"] for r in metrics["results"]}
     # 27: draws 0.3 and 0.7, their mean 0.5 and spread sqrt(2 * 0.2^2 / 1); the counts pooled over the draws.
@@ -44,13 +49,22 @@ def test_draws_of_one_contrast_are_averaged_and_the_real_lesions_sit_at_their_me
     mean54, spread54 = rows["planted masses of contrast 54"]["sensitivity at 1 FP/image"]
     assert mean54 == pytest.approx(0.6) and math.isnan(spread54)
     # The real lesions: the run's folds, at the contrast that `lesion_contrasts` measures on these films.
-    measured = planted.contrast_summary(planted.lesion_contrasts(some, P.FilmCache(P.film_loader())))["all"]
-    assert metrics["real_lesions"]["contrast"] == measured
+    assert len(measured) >= 12 and measured.groupby("refnum")["lesion"].max().max() == 1  # mdb005 has two
+    summary = planted.contrast_summary(measured)["all"]
+    assert metrics["real_lesions"]["contrast"] == summary
+    # Found per contrast bin (equal counts): the two dim bins none, the two bright ones all; the rank test sees it.
+    bins = metrics["real_lesions"]["by_contrast"]
+    assert [b["found"] for b in bins] == [0, 0, bins[2]["n"], bins[3]["n"]] and sum(b["n"] for b in bins) == len(measured)
+    assert [b["low"] for b in bins] == sorted(b["low"] for b in bins) and bins[0]["low"] == measured["contrast"].min()
+    assert metrics["real_lesions"]["found_vs_missed"]["p"] < 0.01
+    (by_bin,) = [r for r in metrics["results"] if r["table"] == planted_curve.REAL_TABLE]
+    assert list(by_bin["values"])[:4] == [f"contrast {b['low']:.1f} to {b['high']:.1f}" for b in bins]
     (real_row,) = [r for r in metrics["results"] if r["row"].startswith("real lesions (real)")]
-    assert f"contrast median {measured['median']:.1f}" in real_row["row"] and f"({measured['n']} measured)" in real_row["row"]
+    assert f"contrast median {summary['median']:.1f}" in real_row["row"] and f"({summary['n']} measured)" in real_row["row"]
     assert real_row["values"]["sensitivity at 1 FP/image"] == pytest.approx([0.2, math.sqrt(0.02)])
     assert real_row["values"]["found (draws pooled)"] == "2/10"
-    assert len(metrics["folds"]) == 6 and {r["table"] for r in metrics["results"]} == {planted_curve.TABLE}
+    assert len(metrics["folds"]) == 6
+    assert {r["table"] for r in metrics["results"]} == {planted_curve.TABLE, planted_curve.REAL_TABLE}
     assert (tmp_path / "curve" / "planted_contrast.png").is_file()
     stored = json.loads((tmp_path / "curve" / "metrics.json").read_text())
     assert [r["row"] for r in stored["results"]] == [r["row"] for r in metrics["results"]]

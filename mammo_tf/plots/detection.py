@@ -314,7 +314,8 @@ def plot_snapshot_selection(selection: Mapping[int, Mapping[str, Any]]) -> Figur
 
 
 def plot_contrast_curve(points: Any, real: Mapping[str, Any] | None = None) -> Figure:
-    """Sensitivity at 1 FP/image against planted contrast (folds as dots, each draw's mean ± std), real lesions beside."""
+    """Sensitivity at 1 FP/image against planted contrast (folds as dots, each draw's mean ± std), real lesions beside
+    (their fold mean at their median contrast, and pooled within bins of their contrast where `real` has them)."""
     fig = Figure(figsize=(7.0, 5.6), layout="constrained")
     ax = fig.subplots()
     seeds = sorted(points["seed"].unique())
@@ -337,9 +338,17 @@ def plot_contrast_curve(points: Any, real: Mapping[str, Any] | None = None) -> F
         ax.errorbar([q["median"]], [sens.mean()], yerr=[sens.std(ddof=1)],
                     xerr=[[q["median"] - q["q25"]], [q["q75"] - q["median"]]], fmt="s", color="C3", capsize=3,
                     label=f"real lesions, same recipe ({real['found']}/{real['n']}; contrast median, quartiles)")
+        bins = real.get("by_contrast", [])
+        if bins:
+            sens = np.array([b["sensitivity"] for b in bins])
+            ci = np.array([b["ci"] for b in bins])
+            ax.errorbar([b["median"] for b in bins], sens, yerr=[sens - ci[:, 0], ci[:, 1] - sens], fmt="s--",
+                        mfc="white", color="C3", capsize=2, lw=0.8,
+                        label=f"real lesions by contrast, {len(bins)} bins of equal counts (pooled, Wilson 95 %)")
     ax.set(xlabel="lesion contrast (grey levels: centre mean minus surrounding breast)",
            ylabel="lesions found at 1 false positive per image", ylim=(0, 1.02),
-           xlim=(0, max(points["contrast"].max(), real["contrast"]["q75"] if real else 0) + 8),
+           xlim=(0, max([points["contrast"].max()] + ([real["contrast"]["q75"]] if real else [])
+                        + [b["median"] for b in (real or {}).get("by_contrast", [])]) + 8),
            title="Whole-film SSD: how subtle may a lesion be?")
     ax.set_xticks(sorted(set(points["contrast"])), [f"{c:g}" for c in sorted(set(points["contrast"]))])
     ax.grid(alpha=0.3)
