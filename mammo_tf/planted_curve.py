@@ -25,7 +25,15 @@ from mammo_tf.io import load_json, save_figure, save_json
 from mammo_tf.paired_detection import load_lesions
 
 TABLE = "Detection, whole films: planted masses found at 1 false positive per image, by contrast [PLANTED]"
+# MIAS's mass classes (circumscribed, spiculated, ill-defined): a lesion type that contrast does not single out.
+MASSES = ("CIRC", "SPIC", "MISC")
 REAL_TABLE = "Detection, whole films: real lesions found at 1 false positive per image, by their measured contrast"
+REAL_NOTE = ("located test lesions whose contrast could be measured, pooled over the folds, each fold at its own "
+             "threshold for at most 1 false positive per image (box centre in the lesion), in bins of equal counts of "
+             "their measured contrast; rank test: two-sided Mann-Whitney U of the contrast of the lesions found "
+             "against those missed, over all of them and over the masses (CIRC, SPIC, MISC) alone; LR p: "
+             "likelihood-ratio test of adding contrast to an unpenalised logistic regression of found on log radius, "
+             "and log radius to one on contrast. Tissue and lesion type are not in the regression")
 # Settings a planted run may differ in from the real-lesion run and still be the same recipe.
 _DRAW_KEYS = ("name", "seed", "planted_contrast")
 
@@ -62,34 +70,93 @@ def by_contrast(points: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
+def _text(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``, or 'n/a' where there is none (no lesion found, or none missed)."""
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
+def found_against_missed(tested: pd.DataFrame) -> dict[str, Any]:
+    """Counts and median contrast of the lesions found and missed, and a two-sided Mann-Whitney U test between them."""
+    from scipy.stats import mannwhitneyu
+
+    found, missed = (tested.loc[tested["found"] == hit, "contrast"] for hit in (True, False))
+    both = len(found) > 0 and len(missed) > 0
+    return {"n": int(len(tested)), "n_found": int(len(found)),
+            "median_found": float(found.median()) if len(found) else None,
+            "median_missed": float(missed.median()) if len(missed) else None,
+            "p": float(mannwhitneyu(found, missed, alternative="two-sided").pvalue) if both else None}
+
+
 def real_lesions(metrics: dict, lesions: pd.DataFrame, annotations: pd.DataFrame, films: P.FilmCache,
                  n_bins: int = 4) -> dict[str, Any]:
-    """The real-lesion run's fold sensitivities and pooled count, the lesions' contrast quartiles, and its
-    test lesions (``lesions``: its lesions_found.csv) found per contrast bin (equal counts), with a rank test of
-    the contrast of the lesions it found against those it missed."""
-    from scipy.stats import binomtest, mannwhitneyu
+    """The real-lesion run's fold sensitivities and pooled count, the lesions' contrast quartiles, and its test
+    lesions (``lesions``: its lesions_found.csv) found per contrast bin (equal counts), found against missed
+    (all, and masses alone), and whether contrast tells more than size."""
+    from scipy.stats import binomtest
 
     from mammo_tf.planted import contrast_summary, lesion_contrasts
 
     contrasts = lesion_contrasts(annotations, films)
-    tested = lesions.merge(contrasts[["refnum", "lesion", "contrast"]], on=["refnum", "lesion"], how="inner")
+    tested = lesions.merge(contrasts[["refnum", "lesion", "contrast", "radius", "abnormality"]], on=["refnum", "lesion"],
+                           how="inner")
     bins = []
-    for interval, g in tested.groupby(pd.qcut(tested["contrast"], n_bins), observed=True):
+    for _, g in tested.groupby(pd.qcut(tested["contrast"], n_bins), observed=True):
         k, n = int(g["found"].sum()), len(g)
         ci = binomtest(k, n).proportion_ci(method="wilson")
         bins.append({"low": float(g["contrast"].min()), "high": float(g["contrast"].max()),
                      "median": float(g["contrast"].median()), "n": n, "found": k, "sensitivity": k / n,
                      "ci": [float(ci.low), float(ci.high)]})
-    found, missed = (tested.loc[tested["found"] == hit, "contrast"] for hit in (True, False))
-    test = mannwhitneyu(found, missed, alternative="two-sided") if len(found) and len(missed) else None
+    # Larger lesions are both brighter on average and easier to find: does contrast tell more than size?
+    log_radius = np.log(tested["radius"].to_numpy(float))
+    hit = tested["found"].to_numpy(bool)
     n_found, n = _found(metrics)
     return {"run": metrics["experiment"]["name"],
             "fold_sensitivity": [float(f["model"]["sens_at_1fp"]) for f in metrics["folds"]],
             "found": n_found, "n": n, "contrast": contrast_summary(contrasts)["all"], "by_contrast": bins,
-            "found_vs_missed": {"n_found": int(len(found)), "n_missed": int(len(missed)),
-                                "median_found": float(found.median()) if len(found) else None,
-                                "median_missed": float(missed.median()) if len(missed) else None,
-                                "p": float(test.pvalue) if test is not None else None}}
+            "found_vs_missed": {**found_against_missed(tested),
+                                "masses": found_against_missed(tested[tested["abnormality"].isin(MASSES)]),
+                                "p_contrast_beyond_size": nested_lr_p(hit, tested["contrast"], log_radius),
+                                "p_size_beyond_contrast": nested_lr_p(hit, log_radius, tested["contrast"])}}
+
+
+def nested_lr_p(y: np.ndarray, added: Any, kept: Any) -> float:
+    """Likelihood-ratio p of adding one covariate (``added``) to an unpenalised logistic regression on ``kept``."""
+    from scipy.stats import chi2
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y, bool)
+    if y.all() or not y.any():
+        return float("nan")
+
+    def log_likelihood(x: np.ndarray) -> float:
+        p = LogisticRegression(C=np.inf, max_iter=10_000).fit(x, y).predict_proba(x)[:, 1]
+        p = np.clip(p, 1e-12, 1 - 1e-12)
+        return float(np.sum(np.where(y, np.log(p), np.log1p(-p))))
+
+    kept = np.asarray(kept, float).reshape(len(y), -1)
+    both = np.hstack([kept, np.asarray(added, float).reshape(len(y), 1)])
+    return float(chi2.sf(max(2.0 * (log_likelihood(both) - log_likelihood(kept)), 0.0), 1))
+
+
+def _real_rows(reference: dict, common: dict, seed: int) -> list[dict]:
+    """The real lesions' row of the contrast table (``common``: its table, provenance and note), and their row of
+    lesions found by contrast bin."""
+    q, fm = reference["contrast"], reference["found_vs_missed"]
+    sens = np.asarray(reference["fold_sensitivity"])
+    curve = {**common, "row": (f"real lesions ({reference['run']}): contrast median {q['median']:.1f}, "
+                               f"quartiles {q['q25']:.1f}-{q['q75']:.1f} ({q['n']} measured)"),
+             "values": {"sensitivity at 1 FP/image": [float(sens.mean()), float(sens.std(ddof=1))],
+                        "per draw": f"{sens.mean():.3f} ± {sens.std(ddof=1):.3f} (seed {seed})",
+                        "found (draws pooled)": f"{reference['found']}/{reference['n']}"}}
+    masses = fm["masses"]
+    values = {**{f"contrast {b['low']:.1f} to {b['high']:.1f}": f"{b['found']}/{b['n']}" for b in reference["by_contrast"]},
+              "median contrast, found / missed": f"{_text(fm['median_found'], '.1f')} / {_text(fm['median_missed'], '.1f')}",
+              "rank test p": _text(fm["p"], ".2g"),
+              "masses only: found, rank test p": f"{masses['n_found']}/{masses['n']}, {_text(masses['p'], '.2g')}",
+              "contrast beyond size: LR p": _text(fm["p_contrast_beyond_size"], ".2g"),
+              "size beyond contrast: LR p": _text(fm["p_size_beyond_contrast"], ".2g")}
+    by_bin = {**common, "table": REAL_TABLE, "row": reference["run"], "values": values, "note": REAL_NOTE}
+    return [curve, by_bin]
 
 
 def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None,
@@ -137,26 +204,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                                    "found (draws pooled)": f"{sum(f for f, _ in found)}/{sum(n for _, n in found)}",
                                    "random boxes": [row.random, float("nan")]}})
     if reference is not None:
-        q = reference["contrast"]
-        sens = np.asarray(reference["fold_sensitivity"])
-        results.append({**common, "row": (f"real lesions ({reference['run']}): contrast median {q['median']:.1f}, "
-                                          f"quartiles {q['q25']:.1f}-{q['q75']:.1f} ({q['n']} measured)"),
-                        "values": {"sensitivity at 1 FP/image": [float(sens.mean()), float(sens.std(ddof=1))],
-                                   "per draw": f"{sens.mean():.3f} ± {sens.std(ddof=1):.3f} (seed {exp.seed})",
-                                   "found (draws pooled)": f"{reference['found']}/{reference['n']}"}})
-        fm = reference["found_vs_missed"]
-        results.append({"table": REAL_TABLE, "command": prov["command"], "hardware": hardware_label(prov),
-                        "date": prov["date"], "row": reference["run"],
-                        "values": {**{f"contrast {b['low']:.1f} to {b['high']:.1f}": f"{b['found']}/{b['n']}"
-                                      for b in reference["by_contrast"]},
-                                   "median contrast, found / missed": (f"{fm['median_found']:.1f} / "
-                                                                       f"{fm['median_missed']:.1f}"),
-                                   "rank test p": f"{fm['p']:.2g}"},
-                        "note": ("located test lesions whose contrast could be measured, pooled over the folds, "
-                                 "each fold at its own threshold for at most 1 false positive per image (box centre "
-                                 "in the lesion), in bins of equal counts of their measured contrast; rank test: "
-                                 "two-sided Mann-Whitney U of the contrast of the lesions found against those "
-                                 "missed. Contrast goes with lesion type and size, so this does not separate them")})
+        results += _real_rows(reference, common, exp.seed)
     metrics = {"runs": [str(d) for d in dirs], "real": str(real) if real is not None else None,
                "folds": points.to_dict("records"), "by_contrast": summary.to_dict("records"),
                "real_lesions": reference, "results": results, "provenance": prov}

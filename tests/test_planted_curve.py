@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mammo_tf import detector as D
@@ -32,7 +33,7 @@ def test_draws_of_one_contrast_are_averaged_and_the_real_lesions_sit_at_their_me
     runs = [_run(tmp_path, "p27_s0", [0.2, 0.4], 3), _run(tmp_path, "p27_s1", [0.6, 0.8], 7, seed=1),
             _run(tmp_path, "p54_s0", [0.5, 0.7], 6, contrast=54.0)]
     real = _run(tmp_path, "real", [0.1, 0.3], 2, contrast=None)
-    some = annotations[annotations["refnum"] <= "mdb030"]
+    some = annotations[annotations["refnum"] <= "mdb075"]  # masses, two asymmetries, one film with two lesions
     # Its test lesions (keyed as a detector run keeps them): found exactly when brighter than the median lesion.
     measured = planted.lesion_contrasts(some, P.FilmCache(P.film_loader()))
     bright = measured["contrast"] > measured["contrast"].median()
@@ -56,7 +57,10 @@ def test_draws_of_one_contrast_are_averaged_and_the_real_lesions_sit_at_their_me
     bins = metrics["real_lesions"]["by_contrast"]
     assert [b["found"] for b in bins] == [0, 0, bins[2]["n"], bins[3]["n"]] and sum(b["n"] for b in bins) == len(measured)
     assert [b["low"] for b in bins] == sorted(b["low"] for b in bins) and bins[0]["low"] == measured["contrast"].min()
-    assert metrics["real_lesions"]["found_vs_missed"]["p"] < 0.01
+    fm = metrics["real_lesions"]["found_vs_missed"]
+    assert fm["p"] < 0.01 and fm["n_found"] == int(bright.sum()) and fm["n"] == len(measured)
+    assert fm["masses"]["n"] == int(measured["abnormality"].isin(planted_curve.MASSES).sum()) < len(measured)
+    assert fm["p_contrast_beyond_size"] < 0.01 < fm["p_size_beyond_contrast"]
     (by_bin,) = [r for r in metrics["results"] if r["table"] == planted_curve.REAL_TABLE]
     assert list(by_bin["values"])[:4] == [f"contrast {b['low']:.1f} to {b['high']:.1f}" for b in bins]
     (real_row,) = [r for r in metrics["results"] if r["row"].startswith("real lesions (real)")]
@@ -88,3 +92,17 @@ def test_the_command_prints_each_contrast(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "planted masses of contrast 27 (1 draw):\n  sensitivity at 1 FP/image: 0.300\n" in out
     assert "planted masses of contrast 40 (1 draw)" in out and "real lesions" not in out
+
+
+def test_the_likelihood_ratio_p_is_the_g_test_of_a_two_by_two_table():
+    """With one binary covariate and nothing else kept, the nested logistic regressions' likelihood ratio is the
+    G statistic of the 2x2 table (scipy's chi2_contingency, log-likelihood, uncorrected)."""
+    from scipy.stats import chi2_contingency
+
+    x = np.array([0] * 20 + [1] * 20)
+    y = np.array([1] * 4 + [0] * 16 + [1] * 12 + [0] * 8, bool)
+    table = [[int(np.sum((x == a) & (y == b))) for b in (False, True)] for a in (0, 1)]
+    expected = chi2_contingency(table, correction=False, lambda_="log-likelihood").pvalue
+    assert planted_curve.nested_lr_p(y, x, np.zeros(len(y))) == pytest.approx(expected, rel=1e-4)
+    assert planted_curve.nested_lr_p(y, np.zeros(len(y)), x) == pytest.approx(1.0)  # a constant adds nothing
+    assert math.isnan(planted_curve.nested_lr_p(np.ones(5, bool), np.arange(5), np.zeros(5)))  # nothing missed
