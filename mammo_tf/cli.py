@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_runs_command(sub, "contrast-curve", planted_curve.evaluate,
                      "planted-mass detector runs' sensitivity against contrast, beside the real lesions (stored outputs)",
                      "planted-mass detector run directories (one recipe; any contrasts and seeds)",
-                     {"real": {"default": None, "help": "the same recipe's run on the real lesions"}})
+                     {"real": {"default": None, "help": "the same recipe's run on the real lesions"},
+                      "compare": {"nargs": "+", "default": None,
+                                  "help": "other whole-film detector runs whose real lesions found are shown by contrast"}})
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")

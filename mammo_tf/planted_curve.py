@@ -87,36 +87,45 @@ def found_against_missed(tested: pd.DataFrame) -> dict[str, Any]:
             "p": float(mannwhitneyu(found, missed, alternative="two-sided").pvalue) if both else None}
 
 
-def real_lesions(metrics: dict, lesions: pd.DataFrame, annotations: pd.DataFrame, films: P.FilmCache,
-                 n_bins: int = 4) -> dict[str, Any]:
-    """The real-lesion run's fold sensitivities and pooled count, the lesions' contrast quartiles, and its test
-    lesions (``lesions``: its lesions_found.csv) found per contrast bin (equal counts), found against missed
-    (all, and masses alone), and whether contrast tells more than size."""
+def lesions_by_contrast(lesions: pd.DataFrame, contrasts: pd.DataFrame) -> dict[str, Any]:
+    """A run's test lesions (``lesions``: its lesions_found.csv) at their measured contrast (``contrasts``:
+    `lesion_contrasts` of every located lesion): found per quartile of all measured lesions' contrast, found
+    against missed (all, and masses alone), and whether contrast tells more than size."""
     from scipy.stats import binomtest
 
-    from mammo_tf.planted import contrast_summary, lesion_contrasts
-
-    contrasts = lesion_contrasts(annotations, films)
+    edges = [-np.inf, *contrasts["contrast"].quantile([0.25, 0.5, 0.75]).to_numpy(float), np.inf]
     tested = lesions.merge(contrasts[["refnum", "lesion", "contrast", "radius", "abnormality"]], on=["refnum", "lesion"],
                            how="inner")
     bins = []
-    for _, g in tested.groupby(pd.qcut(tested["contrast"], n_bins), observed=True):
+    for i, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+        g = tested[(tested["contrast"] > low) & (tested["contrast"] <= high)]
         k, n = int(g["found"].sum()), len(g)
-        ci = binomtest(k, n).proportion_ci(method="wilson")
-        bins.append({"low": float(g["contrast"].min()), "high": float(g["contrast"].max()),
-                     "median": float(g["contrast"].median()), "n": n, "found": k, "sensitivity": k / n,
-                     "ci": [float(ci.low), float(ci.high)]})
+        ci = binomtest(k, n).proportion_ci(method="wilson") if n else None
+        label = (f"contrast <= {high:.1f}" if i == 0 else f"contrast > {low:.1f}" if i == len(edges) - 2
+                 else f"contrast {low:.1f} to {high:.1f}")
+        inside = contrasts["contrast"][(contrasts["contrast"] > low) & (contrasts["contrast"] <= high)]
+        bins.append({"label": label, "median": float(inside.median()), "n": n, "found": k,
+                     "sensitivity": k / n if n else float("nan"),
+                     "ci": [float(ci.low), float(ci.high)] if ci else [float("nan")] * 2})
     # Larger lesions are both brighter on average and easier to find: does contrast tell more than size?
     log_radius = np.log(tested["radius"].to_numpy(float))
     hit = tested["found"].to_numpy(bool)
+    return {"bins": bins, **found_against_missed(tested),
+            "masses": found_against_missed(tested[tested["abnormality"].isin(MASSES)]),
+            "p_contrast_beyond_size": nested_lr_p(hit, tested["contrast"], log_radius),
+            "p_size_beyond_contrast": nested_lr_p(hit, log_radius, tested["contrast"])}
+
+
+def real_lesions(metrics: dict, lesions: pd.DataFrame, contrasts: pd.DataFrame) -> dict[str, Any]:
+    """The real-lesion run's fold sensitivities and pooled count, the lesions' contrast quartiles, and
+    `lesions_by_contrast`."""
+    from mammo_tf.planted import contrast_summary
+
     n_found, n = _found(metrics)
     return {"run": metrics["experiment"]["name"],
             "fold_sensitivity": [float(f["model"]["sens_at_1fp"]) for f in metrics["folds"]],
-            "found": n_found, "n": n, "contrast": contrast_summary(contrasts)["all"], "by_contrast": bins,
-            "found_vs_missed": {**found_against_missed(tested),
-                                "masses": found_against_missed(tested[tested["abnormality"].isin(MASSES)]),
-                                "p_contrast_beyond_size": nested_lr_p(hit, tested["contrast"], log_radius),
-                                "p_size_beyond_contrast": nested_lr_p(hit, log_radius, tested["contrast"])}}
+            "found": n_found, "n": n, "contrast": contrast_summary(contrasts)["all"],
+            "by_contrast": lesions_by_contrast(lesions, contrasts)}
 
 
 def nested_lr_p(y: np.ndarray, added: Any, kept: Any) -> float:
@@ -140,28 +149,36 @@ def nested_lr_p(y: np.ndarray, added: Any, kept: Any) -> float:
 
 def _real_rows(reference: dict, common: dict, seed: int) -> list[dict]:
     """The real lesions' row of the contrast table (``common``: its table, provenance and note), and their row of
-    lesions found by contrast bin."""
-    q, fm = reference["contrast"], reference["found_vs_missed"]
+    lesions found by contrast."""
+    q = reference["contrast"]
     sens = np.asarray(reference["fold_sensitivity"])
     curve = {**common, "row": (f"real lesions ({reference['run']}): contrast median {q['median']:.1f}, "
                                f"quartiles {q['q25']:.1f}-{q['q75']:.1f} ({q['n']} measured)"),
              "values": {"sensitivity at 1 FP/image": [float(sens.mean()), float(sens.std(ddof=1))],
                         "per draw": f"{sens.mean():.3f} ± {sens.std(ddof=1):.3f} (seed {seed})",
                         "found (draws pooled)": f"{reference['found']}/{reference['n']}"}}
-    masses = fm["masses"]
-    values = {**{f"contrast {b['low']:.1f} to {b['high']:.1f}": f"{b['found']}/{b['n']}" for b in reference["by_contrast"]},
-              "median contrast, found / missed": f"{_text(fm['median_found'], '.1f')} / {_text(fm['median_missed'], '.1f')}",
-              "rank test p": _text(fm["p"], ".2g"),
+    return [curve, _by_contrast_row(reference["run"], reference["by_contrast"], common)]
+
+
+def _by_contrast_row(name: str, result: dict, common: dict) -> dict:
+    """One run's row of lesions found by contrast (``result``: `lesions_by_contrast`)."""
+    masses = result["masses"]
+    values = {**{b["label"]: f"{b['found']}/{b['n']}" for b in result["bins"]},
+              "median contrast, found / missed": f"{_text(result['median_found'], '.1f')} / "
+                                                 f"{_text(result['median_missed'], '.1f')}",
+              "rank test p": _text(result["p"], ".2g"),
               "masses only: found, rank test p": f"{masses['n_found']}/{masses['n']}, {_text(masses['p'], '.2g')}",
-              "contrast beyond size: LR p": _text(fm["p_contrast_beyond_size"], ".2g"),
-              "size beyond contrast: LR p": _text(fm["p_size_beyond_contrast"], ".2g")}
-    by_bin = {**common, "table": REAL_TABLE, "row": reference["run"], "values": values, "note": REAL_NOTE}
-    return [curve, by_bin]
+              "contrast beyond size: LR p": _text(result["p_contrast_beyond_size"], ".2g"),
+              "size beyond contrast: LR p": _text(result["p_size_beyond_contrast"], ".2g")}
+    return {**common, "table": REAL_TABLE, "row": name, "values": values, "note": REAL_NOTE}
 
 
 def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | None = None,
-             real: str | Path | None = None, annotations: pd.DataFrame | None = None) -> dict:
-    """Gather planted runs (and the real-lesion run of the same recipe) into a table and `planted_contrast.png`."""
+             real: str | Path | None = None, compare: list[str | Path] | None = None,
+             annotations: pd.DataFrame | None = None) -> dict:
+    """Gather planted runs, beside the same recipe's run on the real lesions (``real``), into a table and
+    `planted_contrast.png`; with ``compare``, other whole-film detectors' real lesions found by contrast too
+    (`found_by_contrast.png`)."""
     from mammo_tf.plots import detection as dplots
 
     dirs = [Path(d) for d in run_dirs]
@@ -181,12 +198,24 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
         changed = sorted(k for k in settings if settings[k] != recipes[0][1].get(k))
         if changed:
             raise ValueError(f"{name} is not {names[0]}'s recipe (differs in {', '.join(changed)})")
+    others = {}
+    for d in map(Path, compare or []):
+        experiment = load_json(d / "metrics.json")["experiment"]
+        if experiment.get("protocol") != "whole" or experiment.get("planted_contrast") is not None:
+            raise ValueError(f"{d.name} did not search whole films for the real lesions: it cannot be compared")
+        others[d.name] = load_lesions(d)
     points = fold_points(runs)
     summary = by_contrast(points)
     exp = recipes[0][0]
-    if reference is not None:
+    contrasts = None
+    if reference is not None or others:
+        from mammo_tf.planted import lesion_contrasts
+
         annotations = annotations if annotations is not None else mias.load_annotations(exp.data)
-        reference = real_lesions(reference, load_lesions(Path(real)), annotations, P.FilmCache(P.film_loader(exp.data)))
+        contrasts = lesion_contrasts(annotations, P.FilmCache(P.film_loader(exp.data)))
+    if reference is not None:
+        reference = real_lesions(reference, load_lesions(Path(real)), contrasts)
+    compared = {name: lesions_by_contrast(lesions, contrasts) for name, lesions in others.items()}
     prov = provenance(command)
     common = {"table": TABLE, "command": prov["command"], "hardware": hardware_label(prov), "date": prov["date"],
               "note": ("sensitivity at 1 FP/image (box centre in the lesion); each draw (seed: films, positions, "
@@ -205,11 +234,18 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                                    "random boxes": [row.random, float("nan")]}})
     if reference is not None:
         results += _real_rows(reference, common, exp.seed)
+    results += [_by_contrast_row(name, result, common) for name, result in compared.items()]
     metrics = {"runs": [str(d) for d in dirs], "real": str(real) if real is not None else None,
+               "compare": [str(d) for d in compare or []],
                "folds": points.to_dict("records"), "by_contrast": summary.to_dict("records"),
-               "real_lesions": reference, "results": results, "provenance": prov}
+               "real_lesions": reference, "compared": compared, "results": results, "provenance": prov}
     out = Path(out_dir)
     save_figure(dplots.plot_contrast_curve(points, reference), out / "planted_contrast.png")
+    found_by_contrast = {**({reference["run"]: reference["by_contrast"]} if reference else {}), **compared}
+    if found_by_contrast:
+        recipe = reference["run"] if reference else names[0]
+        save_figure(dplots.plot_found_by_contrast(found_by_contrast, summary.set_index("contrast")["mean"],
+                                                  f"planted masses, {recipe}'s recipe (mean of the draws)"),
+                    out / "found_by_contrast.png")
     save_json(out / "metrics.json", metrics)
     return metrics
-

@@ -155,9 +155,13 @@ def step_report(cfg: dict, out: Path) -> dict:
     for key, module in groups:
         for group in cfg.get(key, []):
             runs = [models / name for name in group["runs"]]
-            # e.g. a pair's min_iou, a curve's real-lesion run
-            settings = {k: models / v if k == "real" else v for k, v in group.items() if k not in ("name", "runs")}
-            inputs = runs + ([settings["real"]] if "real" in settings else [])
+            settings = {k: v for k, v in group.items() if k not in ("name", "runs")}  # e.g. a pair's min_iou
+            # A curve's real-lesion run and the runs compared with it are folders beside the others, needed too.
+            if "real" in settings:
+                settings["real"] = models / settings["real"]
+            if "compare" in settings:
+                settings["compare"] = [models / name for name in settings["compare"]]
+            inputs = runs + ([settings["real"]] if "real" in settings else []) + settings.get("compare", [])
             if all((run / "metrics.json").is_file() for run in inputs):
                 module.evaluate(runs, models / group["name"], command=f"study step report ({key} {group['name']})",
                                 **settings)

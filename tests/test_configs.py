@@ -50,9 +50,12 @@ def test_full_setting_configs_load_and_its_cascade_and_external_use_its_models()
     for group in cfg.get("contrast_curves", []):
         assert group["runs"] and all(exps[n].planted_contrast is not None for n in group["runs"])
         assert exps[group["real"]].planted_contrast is None and group["name"] not in runs
+        # The runs compared with the real-lesion run searched whole films of this setting (tiled ones included).
+        assert set(group.get("compare", [])) <= runs
+        assert all(exps[n].protocol == "whole" for n in group.get("compare", []) if n in exps)
     # A group's other settings are keyword arguments of its step (`study.step_report`): a pair's min_iou, a
-    # curve's real-lesion run.
-    extra = {"paired_detectors": {"min_iou"}, "contrast_curves": {"real"}}
+    # curve's real-lesion run and the runs compared with it.
+    extra = {"paired_detectors": {"min_iou"}, "contrast_curves": {"real", "compare"}}
     for key in ("ensembles", "selections", "paired_detectors", "contrast_curves"):
         allowed = {"name", "runs"} | extra.get(key, set())
         assert all(set(group) <= allowed for group in cfg.get(key, [])), key

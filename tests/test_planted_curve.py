@@ -20,7 +20,7 @@ from mammo_tf.io import save_json
 def _run(root: Path, name: str, sensitivities: list[float], found: int, contrast: float | None = 27.0,
          seed: int = 0, **changes) -> Path:
     """A detector run folder holding only what the curve reads: experiment, folds, lesions found."""
-    exp = D.DetectorExperiment(name=name, protocol="whole", planted_contrast=contrast, seed=seed, **changes)
+    exp = D.DetectorExperiment(**{"name": name, "protocol": "whole", "planted_contrast": contrast, "seed": seed, **changes})
     folds = [{"fold": k, "model": {"sens_at_1fp": s}, "random_boxes_random_class": {"sens_at_1fp": 0.05}}
              for k, s in enumerate(sensitivities)]
     save_json(root / name / "metrics.json", {"experiment": dataclasses.asdict(exp), "folds": folds,
@@ -39,7 +39,12 @@ def test_draws_of_one_contrast_are_averaged_and_the_real_lesions_sit_at_their_me
     bright = measured["contrast"] > measured["contrast"].median()
     measured.assign(fold=0, crop_top=0, crop_left=0, found=bright, found_random=False)[list(D.LESION_KEYS) + [
         "found", "found_random"]].to_csv(real / D.LESIONS_FILE, index=False)
-    metrics = planted_curve.evaluate(runs, tmp_path / "curve", command="pytest", real=real, annotations=some)
+    # Another whole-film detector (any recipe) that finds exactly the dim ones.
+    other = _run(tmp_path, "other", [0.5, 0.5], 5, contrast=None, image_size=512)
+    measured.assign(fold=0, crop_top=0, crop_left=0, found=~bright, found_random=False)[list(D.LESION_KEYS) + [
+        "found", "found_random"]].to_csv(other / D.LESIONS_FILE, index=False)
+    metrics = planted_curve.evaluate(runs, tmp_path / "curve", command="pytest", real=real, compare=[other],
+                                     annotations=some)
     rows = {r["row"].split(" (")[0]: r["values"] for r in metrics["results"]}
     # 27: draws 0.3 and 0.7, their mean 0.5 and spread sqrt(2 * 0.2^2 / 1); the counts pooled over the draws.
     r27 = rows["planted masses of contrast 27"]
@@ -53,23 +58,28 @@ def test_draws_of_one_contrast_are_averaged_and_the_real_lesions_sit_at_their_me
     assert len(measured) >= 12 and measured.groupby("refnum")["lesion"].max().max() == 1  # mdb005 has two
     summary = planted.contrast_summary(measured)["all"]
     assert metrics["real_lesions"]["contrast"] == summary
-    # Found per contrast bin (equal counts): the two dim bins none, the two bright ones all; the rank test sees it.
-    bins = metrics["real_lesions"]["by_contrast"]
+    # Found per quartile of the measured contrast: the two dim ones none, the two bright ones all; the tests see it.
+    result = metrics["real_lesions"]["by_contrast"]
+    bins = result["bins"]
     assert [b["found"] for b in bins] == [0, 0, bins[2]["n"], bins[3]["n"]] and sum(b["n"] for b in bins) == len(measured)
-    assert [b["low"] for b in bins] == sorted(b["low"] for b in bins) and bins[0]["low"] == measured["contrast"].min()
-    fm = metrics["real_lesions"]["found_vs_missed"]
-    assert fm["p"] < 0.01 and fm["n_found"] == int(bright.sum()) and fm["n"] == len(measured)
-    assert fm["masses"]["n"] == int(measured["abnormality"].isin(planted_curve.MASSES).sum()) < len(measured)
-    assert fm["p_contrast_beyond_size"] < 0.01 < fm["p_size_beyond_contrast"]
-    (by_bin,) = [r for r in metrics["results"] if r["table"] == planted_curve.REAL_TABLE]
-    assert list(by_bin["values"])[:4] == [f"contrast {b['low']:.1f} to {b['high']:.1f}" for b in bins]
+    assert bins[0]["label"] == f"contrast <= {summary['q25']:.1f}" and bins[3]["label"] == f"contrast > {summary['q75']:.1f}"
+    assert [b["median"] for b in bins] == sorted(b["median"] for b in bins)
+    assert result["p"] < 0.01 and result["n_found"] == int(bright.sum()) and result["n"] == len(measured)
+    assert result["masses"]["n"] == int(measured["abnormality"].isin(planted_curve.MASSES).sum()) < len(measured)
+    assert result["p_contrast_beyond_size"] < 0.01 < result["p_size_beyond_contrast"]
+    # The compared run in the same bins, the other way round.
+    compared = metrics["compared"]["other"]["bins"]
+    assert [b["label"] for b in compared] == [b["label"] for b in bins]
+    assert [b["found"] for b in compared] == [bins[0]["n"], bins[1]["n"], 0, 0]
+    by_bin = {r["row"]: r["values"] for r in metrics["results"] if r["table"] == planted_curve.REAL_TABLE}
+    assert list(by_bin) == ["real", "other"] and list(by_bin["real"])[:4] == [b["label"] for b in bins]
     (real_row,) = [r for r in metrics["results"] if r["row"].startswith("real lesions (real)")]
     assert f"contrast median {summary['median']:.1f}" in real_row["row"] and f"({summary['n']} measured)" in real_row["row"]
     assert real_row["values"]["sensitivity at 1 FP/image"] == pytest.approx([0.2, math.sqrt(0.02)])
     assert real_row["values"]["found (draws pooled)"] == "2/10"
     assert len(metrics["folds"]) == 6
     assert {r["table"] for r in metrics["results"]} == {planted_curve.TABLE, planted_curve.REAL_TABLE}
-    assert (tmp_path / "curve" / "planted_contrast.png").is_file()
+    assert (tmp_path / "curve" / "planted_contrast.png").is_file() and (tmp_path / "curve" / "found_by_contrast.png").is_file()
     stored = json.loads((tmp_path / "curve" / "metrics.json").read_text())
     assert [r["row"] for r in stored["results"]] == [r["row"] for r in metrics["results"]]
 
@@ -83,6 +93,9 @@ def test_only_planted_runs_of_one_recipe_and_a_real_run_of_it_are_gathered(tmp_p
     other = _run(tmp_path, "big", [0.5], 4, contrast=40.0, image_size=512)
     with pytest.raises(ValueError, match="big is not ok's recipe \\(differs in image_size\\)"):
         planted_curve.evaluate([ok, other], tmp_path / "out")
+    crops = _run(tmp_path, "crops", [0.5], 4, contrast=None, protocol="crops")
+    with pytest.raises(ValueError, match="crops did not search whole films"):
+        planted_curve.evaluate([ok], tmp_path / "out", compare=[crops])
     assert not (tmp_path / "out").exists()
 
 

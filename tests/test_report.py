@@ -60,7 +60,7 @@ def test_the_report_step_passes_a_groups_own_settings_to_its_step_once_its_runs_
     from mammo_tf import ensemble, paired_detection, planted_curve, study
 
     models = tmp_path / "models"
-    for name in ("a", "b", "real"):
+    for name in ("a", "b", "real", "tiled"):
         save_json(models / name / "metrics.json", {})
     calls = []
     for module in (ensemble, paired_detection, planted_curve):
@@ -70,11 +70,12 @@ def test_the_report_step_passes_a_groups_own_settings_to_its_step_once_its_runs_
     monkeypatch.setattr(report, "collect_rows", lambda models: [])
     cfg = {"paired_detectors": [{"name": "p", "runs": ["a", "b"], "min_iou": 0.5}, {"name": "q", "runs": ["a", "b"]}],
            "ensembles": [{"name": "e", "runs": ["a", "missing"]}],
-           "contrast_curves": [{"name": "c", "runs": ["a", "b"], "real": "real"},
-                               {"name": "d", "runs": ["a"], "real": "missing"}]}
+           "contrast_curves": [{"name": "c", "runs": ["a", "b"], "real": "real", "compare": ["tiled"]},
+                               {"name": "d", "runs": ["a"], "real": "missing"},
+                               {"name": "f", "runs": ["a"], "real": "real", "compare": ["tiled", "missing"]}]}
     assert study.step_report(cfg, tmp_path) == {"report": str(models / "REPORT.md")}
-    # The ensemble and the second curve wait for their missing runs; each pair gets its own settings, and only
-    # those; a curve's real-lesion run is a folder beside the others, not one of its runs.
+    # The ensemble and two curves wait for their missing runs; each pair gets its own settings, and only those; a
+    # curve's real-lesion run and the runs it compares are folders beside the others, not among its runs.
     assert calls == [("mammo_tf.paired_detection", ["a", "b"], "p", {"min_iou": 0.5}),
                      ("mammo_tf.paired_detection", ["a", "b"], "q", {}),
-                     ("mammo_tf.planted_curve", ["a", "b"], "c", {"real": models / "real"})]
+                     ("mammo_tf.planted_curve", ["a", "b"], "c", {"real": models / "real", "compare": [models / "tiled"]})]

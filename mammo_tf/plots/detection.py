@@ -338,19 +338,43 @@ def plot_contrast_curve(points: Any, real: Mapping[str, Any] | None = None) -> F
         ax.errorbar([q["median"]], [sens.mean()], yerr=[sens.std(ddof=1)],
                     xerr=[[q["median"] - q["q25"]], [q["q75"] - q["median"]]], fmt="s", color="C3", capsize=3,
                     label=f"real lesions, same recipe ({real['found']}/{real['n']}; contrast median, quartiles)")
-        bins = real.get("by_contrast", [])
+        bins = real.get("by_contrast", {}).get("bins", [])
         if bins:
             sens = np.array([b["sensitivity"] for b in bins])
             ci = np.array([b["ci"] for b in bins])
             ax.errorbar([b["median"] for b in bins], sens, yerr=[sens - ci[:, 0], ci[:, 1] - sens], fmt="s--",
                         mfc="white", color="C3", capsize=2, lw=0.8,
-                        label=f"real lesions by contrast, {len(bins)} bins of equal counts (pooled, Wilson 95 %)")
+                        label="real lesions in quartiles of their contrast (pooled, Wilson 95 %)")
     ax.set(xlabel="lesion contrast (grey levels: centre mean minus surrounding breast)",
            ylabel="lesions found at 1 false positive per image", ylim=(0, 1.02),
            xlim=(0, max([points["contrast"].max()] + ([real["contrast"]["q75"]] if real else [])
-                        + [b["median"] for b in (real or {}).get("by_contrast", [])]) + 8),
+                        + [b["median"] for b in (real or {}).get("by_contrast", {}).get("bins", [])]) + 8),
            title="Whole-film SSD: how subtle may a lesion be?")
     ax.set_xticks(sorted(set(points["contrast"])), [f"{c:g}" for c in sorted(set(points["contrast"]))])
     ax.grid(alpha=0.3)
     fig.legend(fontsize="small", loc="outside lower center", ncol=2)
+    return fig
+
+
+def plot_found_by_contrast(runs: Mapping[str, Mapping[str, Any]], planted: Any = None,
+                           planted_label: str = "planted masses (mean of the draws)") -> Figure:
+    """Real lesions found at 1 FP/image per contrast quartile, one line per detector run (`lesions_by_contrast`),
+    Wilson 95 % intervals, with the planted masses' mean over draws (a Series: contrast -> sensitivity) beside."""
+    fig = Figure(figsize=(7.0, 5.0), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, result) in enumerate(runs.items()):
+        bins = [b for b in result["bins"] if b["n"]]
+        x = np.array([b["median"] for b in bins]) + (i - (len(runs) - 1) / 2) * 0.8
+        sens = np.array([b["sensitivity"] for b in bins])
+        ci = np.array([b["ci"] for b in bins]).reshape(-1, 2)
+        found = sum(b["found"] for b in bins)
+        ax.errorbar(x, sens, yerr=[sens - ci[:, 0], ci[:, 1] - sens], fmt="o-", color=f"C{i}", capsize=3, lw=1,
+                    label=f"{name} ({found}/{sum(b['n'] for b in bins)})")
+    if planted is not None and len(planted):
+        ax.plot(planted.index, planted.to_numpy(), "k--", lw=1, label=planted_label)
+    ax.set(xlabel="lesion contrast (grey levels; each quartile of the real lesions at its median)",
+           ylabel="lesions found at 1 false positive per image", ylim=(0, 1.02),
+           title="Real lesions found, by their contrast")
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize="small", loc="outside lower center", ncol=1)
     return fig
