@@ -105,6 +105,7 @@ def lesions_by_contrast(lesions: pd.DataFrame, contrasts: pd.DataFrame) -> dict[
                  else f"contrast {low:.1f} to {high:.1f}")
         inside = contrasts["contrast"][(contrasts["contrast"] > low) & (contrasts["contrast"] <= high)]
         bins.append({"label": label, "median": float(inside.median()), "n": n, "found": k,
+                     "abnormality": {str(a): int(c) for a, c in g["abnormality"].value_counts().sort_index().items()},
                      "sensitivity": k / n if n else float("nan"),
                      "ci": [float(ci.low), float(ci.high)] if ci else [float("nan")] * 2})
     # Larger lesions are both brighter on average and easier to find: does contrast tell more than size?

@@ -64,6 +64,7 @@ def test_draws_of_one_contrast_are_averaged_and_the_real_lesions_sit_at_their_me
     assert [b["found"] for b in bins] == [0, 0, bins[2]["n"], bins[3]["n"]] and sum(b["n"] for b in bins) == len(measured)
     assert bins[0]["label"] == f"contrast <= {summary['q25']:.1f}" and bins[3]["label"] == f"contrast > {summary['q75']:.1f}"
     assert [b["median"] for b in bins] == sorted(b["median"] for b in bins)
+    assert sum(sum(b["abnormality"].values()) for b in bins) == len(measured) and "ASYM" in str(bins)
     assert result["p"] < 0.01 and result["n_found"] == int(bright.sum()) and result["n"] == len(measured)
     assert result["masses"]["n"] == int(measured["abnormality"].isin(planted_curve.MASSES).sum()) < len(measured)
     assert result["p_contrast_beyond_size"] < 0.01 < result["p_size_beyond_contrast"]
