@@ -5,7 +5,12 @@ and one seed's draw of films, positions, radii and folds. This gathers, from the
 ``metrics.json``, each fold's sensitivity at 1 false positive per image, summarises each contrast
 over its draws (the mean of the draws' fold means, and their spread when there are several), and
 places the real lesions found by the same recipe at their own measured contrast (median and
-quartiles, :func:`mammo_tf.planted.lesion_contrasts`). Nothing is trained or re-scored.
+quartiles, :func:`mammo_tf.planted.lesion_contrasts`). Each real test lesion is keyed to its
+measured contrast through the run's ``lesions_found.csv``; the lesions found and missed are
+counted per contrast quartile, compared by rank, and a likelihood-ratio test asks whether contrast
+tells more than size (and the reverse). Other whole-film searches of the real lesions (tiled,
+another resolution, a reference without a network) can be binned the same way beside it. Nothing is
+trained or re-scored.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ TABLE = "Detection, whole films: planted masses found at 1 false positive per im
 MASSES = ("CIRC", "SPIC", "MISC")
 REAL_TABLE = "Detection, whole films: real lesions found at 1 false positive per image, by their measured contrast"
 REAL_NOTE = ("located test lesions whose contrast could be measured, pooled over the folds, each fold at its own "
-             "threshold for at most 1 false positive per image (box centre in the lesion), in bins of equal counts of "
-             "their measured contrast; rank test: two-sided Mann-Whitney U of the contrast of the lesions found "
+             "threshold for at most 1 false positive per image (box centre in the lesion), in the quartiles of all "
+             "measured lesions' contrast; rank test: two-sided Mann-Whitney U of the contrast of the lesions found "
              "against those missed, over all of them and over the masses (CIRC, SPIC, MISC) alone; LR p: "
              "likelihood-ratio test of adding contrast to an unpenalised logistic regression of found on log radius, "
              "and log radius to one on contrast. Tissue and lesion type are not in the regression")
