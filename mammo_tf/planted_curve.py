@@ -28,6 +28,7 @@ from mammo_tf.config import from_dict, hardware_label, provenance
 from mammo_tf.data import mias
 from mammo_tf.io import load_json, save_figure, save_json
 from mammo_tf.paired_detection import load_lesions
+from mammo_tf.planted import contrast_summary, lesion_contrasts
 
 TABLE = "Detection, whole films: planted masses found at 1 false positive per image, by contrast [PLANTED]"
 # MIAS's mass classes (circumscribed, spiculated, ill-defined): a lesion type that contrast does not single out.
@@ -125,8 +126,6 @@ def lesions_by_contrast(lesions: pd.DataFrame, contrasts: pd.DataFrame) -> dict[
 def real_lesions(metrics: dict, lesions: pd.DataFrame, contrasts: pd.DataFrame) -> dict[str, Any]:
     """The real-lesion run's fold sensitivities and pooled count, the lesions' contrast quartiles, and
     `lesions_by_contrast`."""
-    from mammo_tf.planted import contrast_summary
-
     n_found, n = _found(metrics)
     return {"run": metrics["experiment"]["name"],
             "fold_sensitivity": [float(f["model"]["sens_at_1fp"]) for f in metrics["folds"]],
@@ -215,8 +214,6 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
     exp = recipes[0][0]
     contrasts = None
     if reference is not None or others:
-        from mammo_tf.planted import lesion_contrasts
-
         annotations = annotations if annotations is not None else mias.load_annotations(exp.data)
         contrasts = lesion_contrasts(annotations, P.FilmCache(P.film_loader(exp.data)))
     if reference is not None:
