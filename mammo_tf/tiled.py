@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+MAX_SCALE = 4.0  # a film enlarged further holds more tiles than a search can afford (16x at 4)
 TILED_NOTE = "whole films, no prior location: the breast searched in full-resolution tiles, normal films included"
 
 
@@ -29,7 +30,8 @@ class TileConfig:
     stride: int | None = None  # pixels between tile origins (of the film at each scale); None: two thirds of the tile (200 for 300)
     min_breast: float = 0.05   # a tile is searched when at least this share of it is breast
     # The film sizes searched (an image pyramid): at 0.5 a tile covers twice the film's width, so that a
-    # lesion larger than a full-resolution tile fits one, at the size the detector was trained to box.
+    # lesion larger than a full-resolution tile fits one, at the size the detector was trained to box; at 2 a
+    # tile covers half of it, so that a small lesion (a calcification cluster) is boxed twice as large.
     scales: tuple[float, ...] = (1.0,)
     # Test-time augmentation: the mirrored film searched too, its boxes mirrored back before the merge.
     hflip: bool = False
@@ -50,8 +52,8 @@ class TileConfig:
         if not 0.0 <= self.min_breast <= 1.0:
             raise ValueError(f"min_breast must be in [0, 1], got {self.min_breast}")
         object.__setattr__(self, "scales", tuple(float(x) for x in self.scales))
-        if not self.scales or len(set(self.scales)) != len(self.scales) or not all(0 < x <= 1 for x in self.scales):
-            raise ValueError(f"scales must be distinct film scales in (0, 1], got {list(self.scales)}")
+        if not self.scales or len(set(self.scales)) != len(self.scales) or not all(0 < x <= MAX_SCALE for x in self.scales):
+            raise ValueError(f"scales must be distinct film scales in (0, {MAX_SCALE:g}], got {list(self.scales)}")
         if self.vote_iou is not None and not 0.0 < self.vote_iou <= 1.0:
             raise ValueError(f"vote_iou must be in (0, 1] or None, got {self.vote_iou}")
         partners = (self.partners,) if isinstance(self.partners, str) else tuple(self.partners)
@@ -164,14 +166,15 @@ def merge_tiles(tile_detections: list[dict], origins: np.ndarray, size: float | 
 
 
 def _scaled(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """The film and its breast mask at ``scale`` of their size (area averaging for the film)."""
+    """The film and its breast mask at ``scale`` of their size (area averaging down, bilinear up)."""
     import cv2
 
     if scale == 1.0:
         return image, mask
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+    # Bilinear up, as the training zoom (tf.image.resize) enlarges its crops.
+    return (cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR),
             cv2.resize(np.asarray(mask, np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool))
 
 

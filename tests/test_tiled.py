@@ -133,9 +133,21 @@ def test_tile_settings_are_checked_and_name_their_output_folder():
     assert T.study_entry({"name": "ssd_x", "scales": [1, 0.5]}) == ("ssd_x", T.TileConfig(scales=(1.0, 0.5)))
     with pytest.raises(ValueError, match="needs a name"):
         T.study_entry({"name": "ssd_x", "scale": [1, 0.5]})
-    for bad in ((), (1.0, 1.0), (1.5,), (0.0,)):
+    for bad in ((), (1.0, 1.0), (4.5,), (0.0,), (-1.0,)):
         with pytest.raises(ValueError, match="scales"):
             T.TileConfig(scales=bad)
+    assert T.run_name("ssd_x", T.TileConfig(scales=[1, 2])) == "tiled_ssd_x_scales1-2"
+
+
+def test_an_enlarged_film_is_interpolated_and_its_mask_kept_binary():
+    image = np.zeros((8, 8), np.uint8)
+    image[:, 4:] = 200
+    mask = image > 0
+    big, big_mask = T._scaled(image, mask, 2.0)
+    assert big.shape == big_mask.shape == (16, 16) and big_mask.dtype == bool
+    # Bilinear: the step between 0 and 200 gets an intermediate grey, which area averaging up would not make.
+    assert 0 < big[0, 7] < 200 and big[0, 0] == 0 and big[0, 15] == 200
+    assert big_mask[:, 9:].all() and not big_mask[:, :7].any()
 
 
 TINY_CROPS = dict(name="tiny_crops", protocol="crops", image_size=96, ssd={"backbone": "cnn"},
