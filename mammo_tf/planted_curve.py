@@ -243,7 +243,7 @@ def evaluate(run_dirs: list[str | Path], out_dir: str | Path, command: str | Non
                "folds": points.to_dict("records"), "by_contrast": summary.to_dict("records"),
                "real_lesions": reference, "compared": compared, "results": results, "provenance": prov}
     out = Path(out_dir)
-    save_figure(dplots.plot_contrast_curve(points, reference), out / "planted_contrast.png")
+    save_figure(dplots.plot_contrast_curve(points, summary, reference), out / "planted_contrast.png")
     found_by_contrast = {**({reference["run"]: reference["by_contrast"]} if reference else {}), **compared}
     if found_by_contrast:
         recipe = reference["run"] if reference else names[0]

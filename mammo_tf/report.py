@@ -62,7 +62,8 @@ def build_tables(rows: list[dict]) -> str:
             tables.setdefault(row["table"], []).append(row)
     order = ("Classifier network", "Classification", "Detection", "Cascade", "External", "Benchmark")
     rank = lambda title: next((i for i, p in enumerate(order) if title.startswith(p)), len(order))  # noqa: E731
-    for title, trs in sorted(tables.items(), key=lambda item: rank(item[0])):
+    # Synthetic-lesion tables close their section together, so that none sits among the real lesions' tables.
+    for title, trs in sorted(tables.items(), key=lambda item: (rank(item[0]), item[0].endswith("[PLANTED]"))):
         columns: list[str] = []
         for r in trs:
             columns += [c for c in r["values"] if c not in columns]

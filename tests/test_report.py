@@ -56,6 +56,16 @@ def test_a_fact_reported_twice_is_listed_once_but_rows_with_other_notes_are_kept
     assert lines == ["| same | 1.000 | folds 0, 1 |", "| same | 1.000 | folds 0, 1, 2 |"]
 
 
+def test_tables_go_by_section_with_the_planted_ones_closing_theirs():
+    base = {"values": {"a": 1.0}, "command": "c", "hardware": "h", "date": "d", "model": "models/x"}
+    titles = ["Detection, whole films [PLANTED]", "Detection (real)", "Classification (patches)",
+              "Detection (planted) [PLANTED]", "Detection, by type", "Cascade"]
+    rows = [dict(base, table=t, row=f"r{i}") for i, t in enumerate(titles)]
+    headings = [line[5:] for line in report.build_tables(rows).splitlines() if line.startswith("#### ")]
+    assert headings == ["Classification (patches)", "Detection (real)", "Detection, by type",
+                        "Detection, whole films [PLANTED]", "Detection (planted) [PLANTED]", "Cascade"]
+
+
 def test_the_report_step_passes_a_groups_own_settings_to_its_step_once_its_runs_are_there(tmp_path, monkeypatch):
     from mammo_tf import ensemble, paired_detection, planted_curve, study
 

@@ -313,9 +313,10 @@ def plot_snapshot_selection(selection: Mapping[int, Mapping[str, Any]]) -> Figur
     return fig
 
 
-def plot_contrast_curve(points: Any, real: Mapping[str, Any] | None = None) -> Figure:
-    """Sensitivity at 1 FP/image against planted contrast (folds as dots, each draw's mean ± std), real lesions beside
-    (their fold mean at their median contrast, and pooled within bins of their contrast where `real` has them)."""
+def plot_contrast_curve(points: Any, summary: Any, real: Mapping[str, Any] | None = None) -> Figure:
+    """Sensitivity at 1 FP/image against planted contrast (folds as dots, each draw's mean ± std, the mean of the draws
+    and random boxes from ``summary``), real lesions beside (their fold mean at their median contrast, and pooled within
+    bins of their contrast where `real` has them)."""
     fig = Figure(figsize=(7.0, 5.6), layout="constrained")
     ax = fig.subplots()
     seeds = sorted(points["seed"].unique())
@@ -328,10 +329,8 @@ def plot_contrast_curve(points: Any, real: Mapping[str, Any] | None = None) -> F
                                                          std=("sensitivity", "std"))
         ax.errorbar(stats["x"], stats["mean"], yerr=stats["std"], fmt="o", color=f"C{i}", capsize=3,
                     label=f"planted, draw of seed {seed} (folds, mean ± std)")
-    means = points.groupby(["contrast", "seed"])["sensitivity"].mean().groupby("contrast").mean()
-    ax.plot(means.index, means.to_numpy(), "k--", lw=1, label="planted, mean of the draws")
-    chance = points.groupby("contrast")["random"].mean()
-    ax.plot(chance.index, chance.to_numpy(), ":", color="0.5", label="random boxes")
+    ax.plot(summary["contrast"], summary["mean"], "k--", lw=1, label="planted, mean of the draws")
+    ax.plot(summary["contrast"], summary["random"], ":", color="0.5", label="random boxes")
     if real is not None:
         q, sens = real["contrast"], np.asarray(real["fold_sensitivity"], float)
         ax.plot(np.full(len(sens), q["median"]), sens, ".", color="C3", alpha=0.35, ms=5)
