@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="pixels between tile origins (default: two thirds of a tile)")
     p.add_argument("--min-breast", type=float, default=0.05, help="share of a tile that must be breast")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                   help="film scales searched, e.g. 1 0.5, or 1 2 to box small lesions larger (an image pyramid; the output folder names them)")
+                   help="film scales searched, e.g. 1 0.5, or 1 2 to box small lesions larger (an image pyramid; "
+                   "the output folder names them)")
     p.add_argument("--hflip", action="store_true", help="search the mirrored film too (test-time augmentation)")
     p.add_argument("--vote-iou", type=float, help="box voting: kept boxes take the score-weighted mean of the "
                    "same-class boxes overlapping them by this IoU (e.g. 0.5)")

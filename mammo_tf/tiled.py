@@ -52,7 +52,8 @@ class TileConfig:
         if not 0.0 <= self.min_breast <= 1.0:
             raise ValueError(f"min_breast must be in [0, 1], got {self.min_breast}")
         object.__setattr__(self, "scales", tuple(float(x) for x in self.scales))
-        if not self.scales or len(set(self.scales)) != len(self.scales) or not all(0 < x <= MAX_SCALE for x in self.scales):
+        if (not self.scales or len(set(self.scales)) != len(self.scales)
+                or not all(0 < x <= MAX_SCALE for x in self.scales)):
             raise ValueError(f"scales must be distinct film scales in (0, {MAX_SCALE:g}], got {list(self.scales)}")
         if self.vote_iou is not None and not 0.0 < self.vote_iou <= 1.0:
             raise ValueError(f"vote_iou must be in (0, 1] or None, got {self.vote_iou}")
