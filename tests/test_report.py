@@ -17,6 +17,18 @@ def test_readme_matches_committed_metrics():
     )
 
 
+def test_readme_shows_the_main_tables_and_report_every_one():
+    titles = {r["table"] for r in report.collect_rows(ROOT / "models")}
+    # A renamed table would silently drop out of the README.
+    assert set(report.README_TABLES) <= titles, set(report.README_TABLES) - titles
+    readme = (ROOT / "README.md").read_text()
+    shown = {line[5:] for line in readme.splitlines() if line.startswith("#### ")}
+    assert shown & titles == set(report.README_TABLES)
+    assert "Detection: two detectors on the same test lesions, found at 1 false positive per image (paired)" in titles
+    full = (ROOT / "models" / "REPORT.md").read_text()
+    assert all(f"#### {title}\n" in full for title in titles)
+
+
 def test_format_value():
     assert report.format_value([0.8123, 0.0456]) == "0.812 ± 0.046"
     assert report.format_value(0.5) == "0.500"
@@ -42,9 +54,14 @@ def test_tables_and_readme_update(tmp_path):
     (models / "b" / "metrics.json").unlink()
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.BEGIN}\nstale\n{report.END}\noutro\n")
-    assert report.update_readme(readme, models)
+    assert report.update_readme(readme, models, tables=("T",))
     assert "stale" not in readme.read_text() and readme.read_text().endswith("outro\n")
-    assert not report.update_readme(readme, models)
+    assert "| cnn | 0.700 ± 0.100 |  |" in readme.read_text()
+    assert not report.update_readme(readme, models, tables=("T",))
+    # A table not chosen for the README stays out of it, and is still in REPORT.md.
+    assert report.update_readme(readme, models, tables=("other",))
+    assert "| cnn |" not in readme.read_text()
+    assert "| cnn | 0.700 ± 0.100 |  |" in report.write_report(models).read_text()
 
 
 def test_a_fact_reported_twice_is_listed_once_but_rows_with_other_notes_are_kept():
