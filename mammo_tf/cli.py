@@ -54,11 +54,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.check:
         text = Path(args.readme).read_text()
-        if report.readme_block(args.models) not in text:
-            print(f"{args.readme}: results block differs from {args.models}/*/metrics.json; run `mammo-tf report`",
-                  file=sys.stderr)
-            return 1
-        return 0
+        stale = [] if report.readme_block(args.models) in text else [f"{args.readme}'s results block"]
+        full = Path(args.models) / "REPORT.md"
+        if not full.is_file() or full.read_text() != report.report_text(args.models, args.models):
+            stale.append(str(full))
+        for what in stale:
+            print(f"{what} differs from {args.models}/*/metrics.json; run `mammo-tf report`", file=sys.stderr)
+        return 1 if stale else 0
     path = report.write_report(args.models)
     changed = report.update_readme(args.readme, args.models)
     print(f"wrote {path}; README {'updated' if changed else 'unchanged'}")
@@ -309,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("--models", default="models")
     p.add_argument("--readme", default="README.md")
-    p.add_argument("--check", action="store_true", help="only check that the README matches the files")
+    p.add_argument("--check", action="store_true", help="only check that the README and REPORT.md match the files")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -27,6 +27,7 @@ def test_readme_shows_the_main_tables_and_report_every_one():
     assert "Detection: two detectors on the same test lesions, found at 1 false positive per image (paired)" in titles
     full = (ROOT / "models" / "REPORT.md").read_text()
     assert all(f"#### {title}\n" in full for title in titles)
+    assert full == report.report_text(ROOT / "models", ROOT / "models"), "models/REPORT.md is stale: run `mammo-tf report`"
 
 
 def test_format_value():
@@ -106,3 +107,25 @@ def test_the_report_step_passes_a_groups_own_settings_to_its_step_once_its_runs_
     assert calls == [("mammo_tf.paired_detection", ["a", "b"], "p", {"min_iou": 0.5}),
                      ("mammo_tf.paired_detection", ["a", "b"], "q", {}),
                      ("mammo_tf.planted_curve", ["a", "b"], "c", {"real": models / "real", "compare": [models / "tiled"]})]
+
+
+def test_report_check_fails_when_the_readme_or_report_is_stale(tmp_path, capsys):
+    from mammo_tf import cli
+
+    models = tmp_path / "models"
+    save_json(models / "a" / "metrics.json", {"results": [
+        {"table": report.README_TABLES[0], "row": "cnn", "values": {"params": 100}, "command": "c", "hardware": "h",
+         "date": "d"}]})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\n{report.END}\n")
+    args = ["report", "--models", str(models), "--readme", str(readme)]
+    assert cli.main(args + ["--check"]) == 1
+    assert cli.main(args) == 0 and "| cnn | 100 |" in readme.read_text()
+    assert cli.main(args + ["--check"]) == 0
+    save_json(models / "a" / "metrics.json", {"results": [
+        {"table": report.README_TABLES[0], "row": "cnn", "values": {"params": 101}, "command": "c", "hardware": "h",
+         "date": "d"}]})
+    capsys.readouterr()
+    assert cli.main(args + ["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "results block differs" in err and "REPORT.md differs" in err
