@@ -472,13 +472,13 @@ def _check_records(info: dict, fold: Any, split: str, records: pd.DataFrame) -> 
                          "(exported from other data or code)")
 
 
-def load_detections(results_paths: Sequence[str | Path],
-                    epochs: dict[int, int] | None = None) -> tuple[dict, Any, Callable[[Any], dict]]:
-    """(merged info, experiment, ``fold -> {"test", "train": detections}``) of :func:`train` outputs.
+def load_detections(results_paths: Sequence[str | Path]) -> tuple[dict, Any, Callable[..., dict]]:
+    """(merged info, experiment, ``(fold, snapshot=None) -> {"test", "train": detections}``) of :func:`train` outputs.
 
     Detections are decoded by :func:`mammo_tf.detector.decode_batch` (normalised boxes, in the
     fold's record order); a fold whose records differ from this checkout's folds is refused.
-    ``epochs``: per fold, the snapshot epoch to decode instead of the last epoch's outputs.
+    ``snapshot``: one kept epoch's outputs of the fold (from :func:`select_snapshots`), decoded
+    instead of the last epoch's.
     """
     from mammo_tf import detector as D
 
@@ -486,27 +486,28 @@ def load_detections(results_paths: Sequence[str | Path],
     exp = D.from_dict(D.DetectorExperiment, info["experiment"])
     decode = _decoder(info, exp)
 
-    def detections(fold: Any) -> dict[str, list[dict]]:
+    def detections(fold: Any, snapshot: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, list[dict]]:
         if str(fold.index) not in info["folds"]:
             raise ValueError(f"fold {fold.index} was not trained in {[str(p) for p in results_paths]}")
-        chosen = (epochs or {}).get(fold.index)
-        snaps = load_snapshots(results_paths, fold.index)[chosen] if chosen else None
         found = {}
         for split, records in (("test", fold.test), ("train", fold.train)):
             _check_records(info, fold, split, records)
-            found[split] = decode(snaps[split] if snaps else saved[f"fold{fold.index}_{split}"])
+            found[split] = decode(snapshot[split] if snapshot else saved[f"fold{fold.index}_{split}"])
         return found
 
     return info, exp, detections
 
 
-def select_snapshots(results_paths: Sequence[str | Path], info: dict, exp: Any, samples: Any) -> dict[int, dict]:
+def select_snapshots(results_paths: Sequence[str | Path], info: dict, exp: Any,
+                     samples: Any) -> tuple[dict[int, dict], dict[int, dict[str, dict[str, np.ndarray]]]]:
     """Per trained fold: the snapshot epoch of highest validation mAP (the earliest of equals), and every snapshot's
-    validation and test mAP (the test's only to show how far the choice tracks it)."""
+    validation and test mAP (the test's only to show how far the choice tracks it); beside it, per fold, the chosen
+    snapshot's outputs (so that they are not read again)."""
     from mammo_tf import detector as D
 
     decode = _decoder(info, exp)
     out: dict[int, dict] = {}
+    chosen: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     for fold in D.make_folds(exp, samples):
         if str(fold.index) not in info["folds"]:
             continue
@@ -516,7 +517,8 @@ def select_snapshots(results_paths: Sequence[str | Path], info: dict, exp: Any, 
         if not any(len(g["boxes"]) for g in gts["val"]):
             raise ValueError(f"fold {fold.index}: the validation patients have no lesion, so val_mAP is undefined")
         rows = []
-        for epoch, snap in sorted(load_snapshots(results_paths, fold.index).items()):
+        snapshots = load_snapshots(results_paths, fold.index)
+        for epoch, snap in sorted(snapshots.items()):
             row = {"epoch": epoch}
             for split, records in (("val", fold.val), ("test", fold.test)):
                 dets = D._to_eval_pixels(exp, samples, records, decode(snap[split]))
@@ -525,7 +527,8 @@ def select_snapshots(results_paths: Sequence[str | Path], info: dict, exp: Any, 
             rows.append(row)
         best = max(rows, key=lambda r: (r["val_mAP"], -r["epoch"]))
         out[fold.index] = {"epoch": best["epoch"], "top": int(snap["test"]["index"].shape[1]), "snapshots": rows}
-    return out
+        chosen[fold.index] = snapshots[best["epoch"]]
+    return out, chosen
 
 
 def restore_fold_model(results_paths: Sequence[str | Path], fold: int, exp: Any, info: dict,
@@ -559,9 +562,10 @@ def evaluate(results_paths: Sequence[str | Path], out_dir: str | Path, command: 
     exp = dataclasses.replace(exp, max_folds=min(len(done), exp.folds))
     annotations = mias.load_annotations(exp.data)
     samples = D.make_samples(exp, annotations)
-    selection = select_snapshots(results_paths, info, exp, samples) if exp.snapshot_every else {}
-    if selection:
-        _, _, detections = load_detections(results_paths, {k: s["epoch"] for k, s in selection.items()})
+    selection, chosen = select_snapshots(results_paths, info, exp, samples) if exp.snapshot_every else ({}, {})
+    if chosen:
+        stored = detections
+        detections = lambda fold: stored(fold, chosen[fold.index])  # noqa: E731
     out = Path(out_dir)
     training_info = {}
     for k in done:

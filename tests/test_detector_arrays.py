@@ -170,7 +170,8 @@ def test_snapshots_select_the_epoch_on_validation_patients(tmp_path, monkeypatch
     np.testing.assert_array_equal(snaps[3]["test"]["index"], saved["fold0_test"]["index"][:, :X.TOP_SNAPSHOT])
     info, _ = X.merge_results([tmp_path / "r.npz"])
     samples = D.make_samples(dataclasses.replace(exp, max_folds=1))
-    picked = X.select_snapshots([tmp_path / "r.npz"], info, dataclasses.replace(exp, max_folds=1), samples)
+    picked, chosen = X.select_snapshots([tmp_path / "r.npz"], info, dataclasses.replace(exp, max_folds=1), samples)
+    np.testing.assert_array_equal(chosen[0]["test"]["index"], snaps[picked[0]["epoch"]]["test"]["index"])
     rows = picked[0]["snapshots"]
     assert [r["epoch"] for r in rows] == [2, 3] and picked[0]["epoch"] == max(rows, key=lambda r: (r["val_mAP"], -r["epoch"]))["epoch"]
     # The tiny model's mAPs may all be 0, which any rule would pass: with scripted mAPs (per epoch, validation then
@@ -179,7 +180,7 @@ def test_snapshots_select_the_epoch_on_validation_patients(tmp_path, monkeypatch
     for script, want in (([0.1, 0.9, 0.4, 0.2], 3), ([0.3, 0.9, 0.3, 0.2], 2)):
         values = iter(script)
         monkeypatch.setattr(D, "detection_metrics", lambda *a, **k: ({"map": next(values)},))
-        scripted = X.select_snapshots([tmp_path / "r.npz"], info, dataclasses.replace(exp, max_folds=1), samples)[0]
+        scripted = X.select_snapshots([tmp_path / "r.npz"], info, dataclasses.replace(exp, max_folds=1), samples)[0][0]
         assert scripted["epoch"] == want
         assert [(r["val_mAP"], r["test_mAP"]) for r in scripted["snapshots"]] == list(zip(script[0::2], script[1::2]))
     monkeypatch.undo()
