@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mammo_tf import detect
 from mammo_tf import detector as D
 from mammo_tf import patches as P
 from mammo_tf.config import hardware_label
@@ -260,7 +261,7 @@ def load_gate(gate_file: str | Path) -> dict:
 def detect_cascade(paths: Sequence[str | Path], classifier_dir: str | Path, detector_dir: str | Path,
                    out_dir: str | Path, gate_threshold: float | None = None, score_threshold: float = 0.5,
                    gate_file: str | Path | None = None, classifier_fold: int = 0, batch_size: int = 8) -> list[dict]:
-    """`detect_images` behind the gate: per image the same JSON and overlay PNG, plus ``gate_score`` and ``gated``.
+    """`mammo_tf.detect.detect_images` behind the gate: per image the same JSON and overlay PNG, plus ``gate_score`` and ``gated``.
 
     The gate threshold is `gate_threshold`, else the ``threshold`` of `gate_file` (``gate.json``
     written by :func:`evaluate_cascade`, or its folder). A film the gate rejects gets an empty
@@ -278,7 +279,7 @@ def detect_cascade(paths: Sequence[str | Path], classifier_dir: str | Path, dete
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in paths]
-    names = D._unique_names(paths)
+    names = detect.unique_names(paths)
     results: list[dict] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
@@ -290,7 +291,7 @@ def detect_cascade(paths: Sequence[str | Path], classifier_dir: str | Path, dete
                 entry.update(gate_score=res["gate_score"], gate_threshold=gate_threshold, gated=res["gated"],
                              timings={k: round(v, 5) for k, v in res["timings"].items()})
                 note = f"; gated (score {res['gate_score']:.3f} < {gate_threshold:.3f}): detector not run" if res["gated"] else ""
-                D.write_detections(entry, res["image"], res["boxes"], res["labels"], res["scores"], score_threshold, out, note)
+                detect.write_detections(entry, res["image"], res["boxes"], res["labels"], res["scores"], score_threshold, out, note)
             results.append(entry)
     summary = {"model": str(detector_dir), "classifier": str(classifier_dir), "classifier_fold": classifier_fold,
                "protocol": cascade.exp.protocol, "score_threshold": score_threshold, "gate_threshold": gate_threshold,
@@ -302,7 +303,7 @@ def detect_cascade(paths: Sequence[str | Path], classifier_dir: str | Path, dete
 def format_results(results: Sequence[dict]) -> str:
     """One line per image (for the CLI): gated, detections, or the error."""
     lines = []
-    for r, line in zip(results, D.format_results(results).splitlines()):
+    for r, line in zip(results, detect.format_results(results).splitlines()):
         if r.get("gated"):
             line = f"{r['path']}: gated (score {r['gate_score']:.3f} < {r['gate_threshold']:.3f}) -> {r['overlay']}"
         lines.append(line)

@@ -171,14 +171,14 @@ def cmd_evaluate_detector_arrays(args: argparse.Namespace) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """Detect lesions on mammograms (PGM, PNG, JPEG, DICOM): an overlay PNG and a JSON per image."""
-    from mammo_tf import detector
+    from mammo_tf import detect
 
     if args.cascade:
         from mammo_tf import cascade
 
         return cascade.cli_detect(args)
-    results = detector.detect_images(args.images, args.model, args.out, score_threshold=args.score_threshold)
-    print(detector.format_results(results))
+    results = detect.detect_images(args.images, args.model, args.out, score_threshold=args.score_threshold)
+    print(detect.format_results(results))
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mammo_tf import cascade as C
+from mammo_tf import detect
 from mammo_tf import detector as D
 from mammo_tf.data import mias
 
@@ -172,7 +173,7 @@ def test_open_gate_equals_detector_alone_and_timings(folders, tmp_path, film_and
         np.testing.assert_allclose(a[key], solo[key], atol=tol)
         np.testing.assert_allclose(a[key], b[key], atol=tol)  # a file and its array: same detections
     # The same detections as the detector's own CLI path (rounded as it writes them).
-    ref = D.detect_images([film], det_dir, tmp_path / "ref", score_threshold=0.01)[0]
+    ref = detect.detect_images([film], det_dir, tmp_path / "ref", score_threshold=0.01)[0]
     np.testing.assert_allclose(np.round(a["boxes"], 1), np.asarray(ref["boxes"]).reshape(-1, 4), atol=0.11)
     np.testing.assert_allclose(np.round(a["scores"], 4), ref["scores"], atol=2e-4)
     for res in (a, b, solo):

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mammo_tf import detect
 from mammo_tf import detector as D
 from mammo_tf import patches as P
 from mammo_tf.config import ConfigError
@@ -239,7 +240,7 @@ def test_vgg16_backbone_with_hed_weights_trains_and_evaluates_end_to_end(tmp_pat
 def test_detect_images_pgm_and_corrupt_file(trained, tmp_path, film_and_broken_png):
     model_dir, _ = trained
     good, bad = film_and_broken_png
-    results = D.detect_images([bad, good], model_dir, tmp_path / "out", score_threshold=0.2)
+    results = detect.detect_images([bad, good], model_dir, tmp_path / "out", score_threshold=0.2)
     assert [r["path"] for r in results] == [str(bad), str(good)]
     assert "error" in results[0] and "broken.png" in results[0]["error"] and "overlay" not in results[0]
     ok = results[1]
@@ -252,7 +253,7 @@ def test_detect_images_pgm_and_corrupt_file(trained, tmp_path, film_and_broken_p
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [("error" in r) for r in summary["results"]] == [True, False]
     with pytest.raises(FileNotFoundError, match="no model.keras"):
-        D.detect_images([good], tmp_path, tmp_path / "out2")
+        detect.detect_images([good], tmp_path, tmp_path / "out2")
 
 
 def test_lesion_ap_ignores_the_class_and_merges_a_benign_and_a_malignant_box_on_one_spot():

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mammo_tf import detect
 from mammo_tf import detector as D
 from mammo_tf import tiled as T
 from mammo_tf.config import ConfigError
@@ -161,7 +162,7 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
     D.run_experiment(D.DetectorExperiment(**{**TINY_CROPS, "max_shift": 10, "max_zoom_out": 1.5}), crops_dir, command="pytest")
     # `mammo-tf detect` with a crops model searches the file's film in full-resolution tiles, as the evaluation does.
     good, bad = film_and_broken_png
-    found = D.detect_images([good, bad], crops_dir, tmp_path / "detect", score_threshold=0.01)  # the run's own
+    found = detect.detect_images([good, bad], crops_dir, tmp_path / "detect", score_threshold=0.01)  # the run's own
     model, exp, anchors = D.load_detector(crops_dir)
     image = mias.read_pgm(good)
     tiles = T.detect_film(model, exp, anchors, image, D.P.breast_mask(image), T.TileConfig())[0]
