@@ -44,3 +44,21 @@ def test_every_finding_is_in_the_contents():
     headings = [line[4:] for line in text.splitlines() if line.startswith("### ")]
     assert len(headings) > 30
     assert all(f"](#{slug(h)})" in text for h in headings)
+
+
+def test_every_test_named_in_the_bad_input_table_exists():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+    sources = {p.relative_to(ROOT).as_posix(): p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
+    assert len(rows) > 20
+    for row in rows:
+        cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        names = re.findall(r"`(?:(tests/test_\w+\.py)(?:::)?)?(test_\w+)?`", cell)
+        assert names, f"no test named in: {row[:80]}"
+        for file, name in names:
+            if file:
+                assert file in sources, f"{file} does not exist"
+            if name:
+                where = [sources[file]] if file else sources.values()
+                assert any(re.search(rf"^def {name}\(", s, re.M) for s in where), f"{name} not found ({row[:60]})"
