@@ -261,7 +261,7 @@ def load_gate(gate_file: str | Path) -> dict:
 def detect_cascade(paths: Sequence[str | Path], classifier_dir: str | Path, detector_dir: str | Path,
                    out_dir: str | Path, gate_threshold: float | None = None, score_threshold: float = 0.5,
                    gate_file: str | Path | None = None, classifier_fold: int = 0, batch_size: int = 8) -> list[dict]:
-    """`mammo_tf.detect.detect_images` behind the gate: per image the same JSON and overlay PNG, plus ``gate_score`` and ``gated``.
+    """`detect.detect_images` behind the gate: per image the same JSON and overlay PNG, plus ``gate_score`` and ``gated``.
 
     The gate threshold is `gate_threshold`, else the ``threshold`` of `gate_file` (``gate.json``
     written by :func:`evaluate_cascade`, or its folder). A film the gate rejects gets an empty
