@@ -120,6 +120,7 @@ class DetectorExperiment:
     select_on: str = "val_loss"           # val_loss | val_mAP
     snapshot_every: int = 0               # val_mAP without early stopping: measure every n epochs, keep the best
     planted_contrast: float | None = None  # whole: not the lesions but masses of this contrast planted in normal films
+    clahe_clip: float | None = None       # crops: each film equalised first (OpenCV CLAHE, 8x8 tiles, this clip limit)
     n_examples: int = 6
     seed: int = 0
     data: str | None = None
@@ -163,6 +164,9 @@ class DetectorExperiment:
         if self.planted_contrast is not None and (self.protocol != "whole" or not self.planted_contrast > 0):
             raise ConfigError(f"planted_contrast must be > 0 (grey levels), and is for the whole protocol only; got "
                               f"{self.planted_contrast} with protocol {self.protocol!r}")
+        if self.clahe_clip is not None and (self.protocol != "crops" or not self.clahe_clip > 0):
+            raise ConfigError(f"clahe_clip must be > 0, and is for the crops protocol only (crops and tiles are cut "
+                              f"from the equalised film); got {self.clahe_clip} with protocol {self.protocol!r}")
         if self.augment_ops not in AUGMENT_OPS:
             raise ConfigError(f"augment_ops must be one of {AUGMENT_OPS}, got {self.augment_ops!r}")
         if self.select_on not in SELECT_ON:
@@ -300,7 +304,7 @@ def make_samples(exp: DetectorExperiment, annotations: pd.DataFrame | None = Non
     if exp.protocol == "whole":
         records, films, transforms = whole_records(ann, exp.image_size, film_reader(exp, ann))
         return Samples(records, films, transforms, excluded, ann)
-    films = P.FilmCache(load_image=P.film_loader(exp.data))
+    films = P.FilmCache(load_image=P.film_loader(exp.data), clahe_clip=exp.clahe_clip)
     records = P.detection_crops(ann, exp.image_size, crops_per_lesion=exp.crops_per_lesion, n_normal=exp.n_normal,
                                 seed=exp.seed, films=films)
     return Samples(records, films, {}, excluded, ann)
@@ -692,6 +696,8 @@ def detect_films(model: Any, exp: DetectorExperiment, anchor_cfg: Any, images: S
         from mammo_tf import tiled
 
         masks = masks if masks is not None else [P.breast_mask(im) for im in images]
+        if exp.clahe_clip is not None:  # after the masks: those are the raw films'
+            images = [P.clahe(im, exp.clahe_clip) for im in images]
         return [tiled.detect_film(model, exp, anchor_cfg, im, m, tiled.TileConfig(), batch_size)[0]
                 for im, m in zip(images, masks)]
     prepared = prepared or [P.prepare_whole(im, None, size=exp.image_size) for im in images]
@@ -1088,6 +1094,7 @@ def _result_rows(exp: DetectorExperiment, summary: dict, base: dict, n_folds: in
         init += ", pool5 L2-normalised"
     crops = f", {exp.crops_per_lesion} crops per lesion" if exp.protocol == "crops" and exp.crops_per_lesion > 1 else ""
     box_weight = f", box loss weight {exp.loc_weight:g}" if exp.loc_weight != 1 else ""
+    box_weight += f", films equalised (CLAHE, clip {exp.clahe_clip:g})" if exp.clahe_clip is not None else ""
     tcfg = exp.train_config()
     schedule = (f"{tcfg.epochs} epochs, the best val mAP of every {exp.snapshot_every} kept" if exp.snapshot_every
                 else schedule_label(tcfg, exp.select_on.replace('_', ' ')))

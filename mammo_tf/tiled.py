@@ -295,18 +295,22 @@ def run(crops_dir: str | Path, out_dir: str | Path, cfg: TileConfig = TileConfig
         if run_exp.protocol != "crops" or run_exp.naive_split:
             raise ConfigError(f"{run_dir}: tiles need a detector trained on patient-split crops "
                               f"(protocol {run_exp.protocol!r}, naive_split {run_exp.naive_split})")
+        if run_exp.clahe_clip != crops_exp.clahe_clip:
+            raise ConfigError(f"{run_dir}: its films are equalised otherwise (clahe_clip {run_exp.clahe_clip}) than "
+                              f"{crops_dir}'s ({crops_exp.clahe_clip}); pooled runs share one film cache")
     # The same patient folds and whole-film test samples as every whole-film detector.
     exp = dataclasses.replace(crops_exp, name=run_name(crops_exp.name, cfg), protocol="whole", max_shift=0, max_zoom_out=1.0,
-                              init_from=None, hard_negative_tiles=0)  # how the crops model trained: crops_dir's config
+                              init_from=None, hard_negative_tiles=0, clahe_clip=None)  # how the crops model trained: crops_dir's config
     ann = annotations if annotations is not None else mias.load_annotations(exp.data)
     samples = D.make_samples(exp, ann)
-    films = P.FilmCache(load_image=P.film_loader(exp.data))
+    films = P.FilmCache(load_image=P.film_loader(exp.data), clahe_clip=crops_exp.clahe_clip)
     detections, info = tiled_detections(crops_dir, samples, cfg, films)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / D.CONFIG_FILE, {"experiment": exp.to_dict(), "tiles": asdict(cfg), "detector": crops_dir.as_posix()})
     scales = " and ".join("full" if x == 1 else f"{x:g}x" for x in cfg.scales)
     row = (f"SSD{crops_exp.image_size} {crops_exp.ssd_config().backbone} trained on crops ({crops_exp.name}), "
            f"{crops_exp.image_size} px tiles every {cfg.stride_for(crops_exp.image_size)} px at {scales} resolution"
+           + (f", films equalised (CLAHE, clip {crops_exp.clahe_clip:g})" if crops_exp.clahe_clip is not None else "")
            + (", mirrored film too" if cfg.hflip else "")
            + (f", box voting at IoU {cfg.vote_iou:g}" if cfg.vote_iou is not None else "")
            + "".join(f", boxes pooled with those of {x}" for x in cfg.partners)

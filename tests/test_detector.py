@@ -346,6 +346,9 @@ def test_augmentation_label_names_every_transform():
                 dict(protocol="crops", max_zoom_out=4)):
         with pytest.raises(ConfigError, match="max_zoom_out"):
             D.DetectorExperiment(**bad)
+    for bad in (dict(protocol="whole", clahe_clip=2.0), dict(protocol="crops", clahe_clip=0.0)):
+        with pytest.raises(ConfigError, match="clahe_clip"):
+            D.DetectorExperiment(**bad)
 
 
 def test_rows_name_a_frozen_trunk_and_early_stopping(tmp_path):

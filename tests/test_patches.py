@@ -335,3 +335,20 @@ def test_bad_arguments_raise(annotations):
         P.label_patches([0], [0], 128, np.zeros((0, 4)), (1024, 1024), min_overlap=0.0)
     with pytest.raises(ValueError, match="outside"):
         P.window_fraction(np.ones((100, 100), bool), [0], [50], 64)
+
+
+def test_clahe_film_cache_equalises_the_film_but_keeps_the_raw_films_mask(films):
+    equalised = P.FilmCache(P.film_loader(), clahe_clip=2.0)
+    raw = films.image("mdb028")
+    image = equalised.image("mdb028")
+    assert image.shape == raw.shape and image.dtype == np.uint8
+    assert np.array_equal(image, P.clahe(raw, 2.0)) and not np.array_equal(image, raw)
+    # The mask comes from the raw film, whichever of image() and mask() is asked first.
+    assert np.array_equal(equalised.mask("mdb028"), films.mask("mdb028"))
+    fresh = P.FilmCache(P.film_loader(), clahe_clip=2.0)
+    assert np.array_equal(fresh.mask("mdb028"), films.mask("mdb028"))
+    # Equalisation spreads a narrow histogram: a ramp over 40 grey levels comes out wider.
+    ramp = np.tile(np.linspace(100, 140, 256).astype(np.uint8), (256, 1))
+    assert np.ptp(P.clahe(ramp, 4.0)) > np.ptp(ramp)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        P.clahe(ramp.astype(np.float32), 2.0)

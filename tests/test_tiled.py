@@ -241,6 +241,21 @@ def test_a_crops_detector_searches_whole_films_tile_by_tile(tmp_path, annotation
     copy_config.write_text(json.dumps({**copied, "train_refnums": copied["train_refnums"] + seen}))
     with pytest.raises(ConfigError, match="tiny_copy.*trained on 1 of the fold's test films"):
         T.run(crops_dir, tmp_path / "ens", T.TileConfig(partners=("tiny_copy",)), command="pytest", annotations=annotations)
+    # A model trained on equalised films (clahe_clip) searches the equalised film, its tiles placed by the raw
+    # film's mask; it does not pool boxes with a model that saw raw films.
+    eq = dataclasses.replace(exp, clahe_clip=2.0)
+    expected = T.detect_film(model, eq, anchors, D.P.clahe(image, 2.0), mask, T.TileConfig())[0]
+    raw_search = T.detect_film(model, eq, anchors, image, mask, T.TileConfig())[0]
+    assert not np.array_equal(expected["scores"], raw_search["scores"])
+    got = D.detect_films(model, eq, anchors, [image])[0]
+    np.testing.assert_array_equal(got["boxes"], expected["boxes"])
+    np.testing.assert_array_equal(got["scores"], expected["scores"])
+    shutil.copytree(tmp_path / "tiny_copy", tmp_path / "tiny_eq")
+    eq_config = json.loads((tmp_path / "tiny_eq" / D.CONFIG_FILE).read_text())
+    eq_config["experiment"]["clahe_clip"] = 2.0
+    (tmp_path / "tiny_eq" / D.CONFIG_FILE).write_text(json.dumps(eq_config))
+    with pytest.raises(ConfigError, match="tiny_eq: its films are equalised otherwise"):
+        T.run(crops_dir, tmp_path / "mixed", T.TileConfig(partners=("tiny_eq",)), command="pytest", annotations=annotations)
     # A fold model that trained on one of the fold's test films is refused.
     fold_config = crops_dir / "folds" / "fold0" / D.CONFIG_FILE
     config = json.loads(fold_config.read_text())
