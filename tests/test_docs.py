@@ -39,6 +39,17 @@ def test_links_point_at_existing_files_and_headings(doc):
             assert anchor in anchors(path), f"{doc.name}: no heading for #{anchor} in {path.name}"
 
 
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_headings_stand_apart_from_the_text_above(doc):
+    lines, fenced = doc.read_text().splitlines(), False
+    for i, line in enumerate(lines):
+        fenced ^= line.startswith("```")
+        if not fenced and i and re.match(r"#{1,6} ", line):
+            # A one-line HTML comment (the generated tables' marker) ends its own block, as a blank line would.
+            assert lines[i - 1] == "" or re.fullmatch(r"<!--.*-->", lines[i - 1]), \
+                f"{doc.name}:{i + 1}: no blank line before {line!r}"
+
+
 def test_every_finding_is_in_the_contents():
     text = (ROOT / "docs" / "findings.md").read_text()
     headings = [line[4:] for line in text.splitlines() if line.startswith("### ")]
