@@ -135,7 +135,7 @@ class FilmCache:
                 self._load = film_loader()
             film = self._load(refnum)
             if self._clahe_clip is not None:
-                self._masks.setdefault(refnum, breast_mask(film, scale=self._mask_scale))
+                self._masks[refnum] = breast_mask(film, scale=self._mask_scale)  # mask() always loads the film first
                 film = clahe(film, self._clahe_clip)
             self._images[refnum] = film
         return self._images[refnum]
