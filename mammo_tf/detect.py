@@ -74,7 +74,7 @@ def _detect_chunk(paths: Sequence[Path], names: Sequence[str], model: Any, exp: 
     from mammo_tf.imageio import read_image
 
     entries: list[dict] = []
-    ready: list[tuple[dict, np.ndarray, np.ndarray, P.WholeTransform]] = []
+    ready: list[tuple[dict, np.ndarray, tuple | None]] = []  # entry, film, prepare_whole's output (whole models)
     for path, name in zip(paths, names):
         entry: dict[str, Any] = {"path": str(path), "name": name}
         entries.append(entry)
